@@ -1,0 +1,62 @@
+"""A tiny name -> class registry, one per swappable model part.
+
+Configs name parts by plain strings (``attention: {name: sdpa}``) so they stay serialisable YAML and a
+checkpoint's hyper-parameters rebuild the exact model; each part's registry resolves the name in one place
+and turns a typo into an error that lists the valid choices and the config group that sets them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+class Registry:
+    """Maps names to factories for one model part (e.g. ``attention``)."""
+
+    def __init__(self, field: str, group: str | None = None, supplied: tuple[str, ...] = ()):
+        self.field = field  # dotted config field, e.g. "model.attention.name"
+        self.group = group  # Hydra config group that selects it, e.g. "attention"
+        self.supplied = supplied  # arguments the model passes itself; not user options
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
+            if name in self._entries:
+                raise KeyError(f"{self.field}: '{name}' registered twice")
+            self._entries[name] = factory
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._entries:
+            hint = f" (choose with {self.group}=<name>)" if self.group else ""
+            raise ConfigError(f"{self.field}='{name}' is unknown; choose one of: {', '.join(self.names())}{hint}")
+        return self._entries[name]
+
+    def check_options(self, name: str, options: Mapping[str, Any]) -> None:
+        """Fail if ``options`` holds a keyword the factory for ``name`` does not take."""
+        params = inspect.signature(self.get(name)).parameters
+        allowed = [p for p in params if p not in self.supplied and p != "self"]
+        prefix = self.field.rsplit(".", 1)[0]
+        for key in options:
+            if key not in allowed:
+                raise ConfigError(
+                    f"{prefix}.{key} is not an option of {self.field}='{name}'; its options are: "
+                    f"{', '.join(allowed) or 'none'}"
+                )
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)
