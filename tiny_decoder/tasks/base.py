@@ -1,0 +1,91 @@
+"""``DecoderTask``: what every task shares, as a thin LightningModule over the plain model.
+
+It builds the :class:`DecoderTransformer` from a model-config dict (stored in the checkpoint's
+hyper-parameters, so a checkpoint rebuilds the exact model), sets ``example_input_array`` for the model
+summary, and configures the optimizer and per-step LR schedule from Hydra ``_partial_`` factories with
+weight decay only on matrices (not biases, norms or embeddings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from tiny_decoder.model import DecoderTransformer, ModelConfig
+from tiny_decoder.model.registry import Registry
+
+TASKS = Registry("task.name", group="task")
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two groups: weight decay on Linear weights, none on biases, norms and embedding tables."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_matrix = isinstance(module, nn.Linear) and name == "weight"
+            (decay if is_matrix else no_decay).append(param)
+    unique_decay = list({id(p): p for p in decay}.values())
+    seen = {id(p) for p in unique_decay}
+    unique_no_decay = [p for p in {id(p): p for p in no_decay}.values() if id(p) not in seen]
+    return [{"params": unique_decay}, {"params": unique_no_decay, "weight_decay": 0.0}]
+
+
+class DecoderTask(L.LightningModule):
+    """Owns the model, the optimizer/scheduler wiring and checkpoint metadata."""
+
+    task_name = "base"
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model_config = ModelConfig.from_dict(model)
+        self.model = DecoderTransformer(self.model_config)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.example_input_array = torch.zeros(2, self.model_config.context_length, dtype=torch.long)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: set the optimizer config group (e.g. optimizer=adamw)")
+        optimizer = self.optimizer_factory(parameter_groups(self.model))
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tiny_decoder"] = {"task": self.task_name, "model": self.model_config.to_dict()}
+
+    @property
+    def decoder(self) -> DecoderTransformer:
+        return self.model
+
+
+def load_task(checkpoint_path: str, map_location: str | torch.device = "cpu") -> DecoderTask:
+    """Rebuild a trained task from its checkpoint (loaded with ``weights_only=True``)."""
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    meta = checkpoint.get("tiny_decoder")
+    if meta is None:
+        raise ValueError(f"{checkpoint_path} is not a tiny_decoder checkpoint (no 'tiny_decoder' metadata)")
+    task_cls = TASKS.get(meta["task"])
+    task = task_cls(**checkpoint["hyper_parameters"])
+    task.load_state_dict(checkpoint["state_dict"])
+    return task.eval()

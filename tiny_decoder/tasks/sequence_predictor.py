@@ -1,0 +1,94 @@
+"""The 256-class next-number predictor (design card: ``shared/design/sequence-predictor.md``).
+
+Trains on all prefixes with the distance-weighted cross-entropy, reports accuracy / distance / loss next
+to random baselines, per phase and per family, and continues a few fixed sequences greedily with the KV
+cache at every validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tiny_decoder.generation import generate
+from tiny_decoder.tasks.base import TASKS, DecoderTask, OptimizerFactory, SchedulerFactory
+from tiny_decoder.training.losses import DISTANCE_WEIGHTINGS, PREDICTIONS, distance_weighted_cross_entropy
+from tiny_decoder.training.metrics import SequenceMetrics
+
+DEFAULT_PROMPTS = ([1, 2, 4, 7, 11], [2, 4, 8, 16], [1, 0, 1, 0, 1], [5, 5, 6, 6, 7], [200, 100, 150, 75])
+
+
+@TASKS.register("sequence")
+class SequencePredictor(DecoderTask):
+    """Next-number prediction over integers 0..255 with the distance-weighted loss."""
+
+    task_name = "sequence"
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        alpha: float = 0.1,
+        weighting: str = "linear",
+        prediction: str = "argmax",
+        family_names: list[str] | None = None,
+        sample_prompts: list[list[int]] | None = None,
+        sample_steps: int = 5,
+    ):
+        super().__init__(model, optimizer, scheduler)
+        DISTANCE_WEIGHTINGS.get(weighting)
+        PREDICTIONS.get(prediction)
+        if alpha < 0:
+            raise ValueError(f"task.alpha must be >= 0, got {alpha}")
+        if family_names is None:
+            from tiny_decoder.data.sequences import FAMILY_NAMES
+
+            family_names = list(FAMILY_NAMES)
+        self.val_metrics = SequenceMetrics(family_names, num_classes=self.model_config.vocab_size)
+        self.test_metrics = SequenceMetrics(family_names, num_classes=self.model_config.vocab_size)
+        self.sample_prompts = [list(p) for p in (sample_prompts or DEFAULT_PROMPTS)]
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        hp = self.hparams
+        return distance_weighted_cross_entropy(logits, target, hp.alpha, hp.weighting, hp.prediction)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch["input"]), batch["target"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: SequenceMetrics) -> None:
+        logits = self(batch["input"])
+        metrics.update(logits, batch, self.loss(logits, batch["target"]))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: SequenceMetrics, prefix: str) -> None:
+        values = metrics.compute(prefix)
+        self.log(f"{prefix}/acc_last", values.pop(f"{prefix}/acc_last"), prog_bar=True)
+        self.log_dict(values)
+        metrics.reset()
+
+    @torch.no_grad()
+    def continue_sequence(self, numbers: list[int], steps: int) -> list[int]:
+        """Greedy cached continuation of ``numbers`` by ``steps`` more numbers."""
+        prompt = torch.tensor([numbers], dtype=torch.long, device=self.device)
+        return generate(self.model, prompt, steps)[0, len(numbers) :].tolist()
+
+    def sample_texts(self) -> list[tuple[str, str]]:
+        return [
+            (" ".join(map(str, p)), " ".join(map(str, self.continue_sequence(p, self.hparams.sample_steps))))
+            for p in self.sample_prompts
+        ]
