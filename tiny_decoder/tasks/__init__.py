@@ -1,0 +1,9 @@
+"""LightningModules: thin task layers (loss, metrics, sampling) over the plain model.
+
+Importing this package registers every task in ``TASKS`` so checkpoints can be reloaded by task name.
+"""
+
+from tiny_decoder.tasks import sequence_predictor  # noqa: F401
+from tiny_decoder.tasks.base import TASKS, DecoderTask, load_task
+
+__all__ = ["TASKS", "DecoderTask", "load_task"]

@@ -87,8 +87,29 @@ class SequencePredictor(DecoderTask):
         prompt = torch.tensor([numbers], dtype=torch.long, device=self.device)
         return generate(self.model, prompt, steps)[0, len(numbers) :].tolist()
 
+    def generate_cli(self, cfg: Any) -> list[str]:
+        """``generate sequence="1 2 4 7 11" steps=5``: the sequence followed by its continuation."""
+        if not cfg.get("sequence"):
+            raise ValueError(
+                'the sequence task needs sequence="<numbers separated by spaces>", e.g. sequence="1 2 4 7"'
+            )
+        numbers = parse_numbers(str(cfg.sequence), self.model_config.vocab_size - 1)
+        continuation = self.continue_sequence(numbers, int(cfg.steps))
+        return [" ".join(map(str, numbers)) + " -> " + " ".join(map(str, continuation))]
+
     def sample_texts(self) -> list[tuple[str, str]]:
         return [
             (" ".join(map(str, p)), " ".join(map(str, self.continue_sequence(p, self.hparams.sample_steps))))
             for p in self.sample_prompts
         ]
+
+
+def parse_numbers(text: str, max_value: int) -> list[int]:
+    """``"1 2 4"`` or ``"1,2,4"`` -> ``[1, 2, 4]``, each checked to lie in ``[0, max_value]``."""
+    try:
+        numbers = [int(token) for token in text.replace(",", " ").split()]
+    except ValueError as error:
+        raise ValueError(f"sequence={text!r}: expected integers separated by spaces") from error
+    if not numbers or any(not 0 <= n <= max_value for n in numbers):
+        raise ValueError(f"sequence={text!r}: needs at least one number, each in [0, {max_value}]")
+    return numbers

@@ -1,0 +1,33 @@
+"""``python -m tiny_decoder.generate ckpt=PATH ...``: decode from a trained checkpoint with the KV cache.
+
+Sequence task: ``sequence="1 2 4 7 11" steps=5`` prints the greedy continuation. Language model:
+``prompt="Once upon a time" temperature=0.8 top_k=50`` prints sampled stories. Each task implements
+``generate_cli(cfg) -> list[str]``; this module only loads the checkpoint and prints.
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from tiny_decoder.cli import run_cli
+from tiny_decoder.tasks import load_task
+
+
+def generate_from_checkpoint(cfg: DictConfig) -> list[str]:
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.ckpt, map_location=cfg.device)
+    outputs = task.generate_cli(cfg)
+    for text in outputs:
+        print(text)
+    return outputs
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+def main(cfg: DictConfig) -> None:
+    run_cli(generate_from_checkpoint, cfg)
+
+
+if __name__ == "__main__":
+    main()
