@@ -3,7 +3,7 @@
 Importing this package imports every part module, so each part's registry is complete.
 """
 
-from tiny_decoder.model import attention, depth, embedding, feedforward, norm, positional  # noqa: F401
+from tiny_decoder.model import attention, depth, efficient_attention, embedding, feedforward, norm, positional  # noqa: F401
 from tiny_decoder.model.cache import KVCache
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.registry import ConfigError

@@ -64,7 +64,7 @@ def masked_scores(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs, vis
     """Scaled dot-product scores plus any positional bias, ``-inf`` where ``visible`` is False."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
     if inputs.bias is not None:
-        scores = scores + inputs.bias
+        scores = scores + inputs.bias.to(scores.dtype)
     return scores.masked_fill(~visible, float("-inf"))
 
 

@@ -128,5 +128,8 @@ def _validate_parts(config: ModelConfig) -> None:
         raise ConfigError(
             f"attention={config.attention['name']} cannot be combined with positional={positional_name}: {reason}"
         )
+    check_attention = getattr(attention_cls, "check", None)  # option values (e.g. a window >= 1)
+    if check_attention is not None:
+        check_attention(config)
     POSITIONAL.get(positional_name).check(config)
     EMBEDDINGS.get(config.embedding["name"]).check(config)

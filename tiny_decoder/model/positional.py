@@ -130,14 +130,15 @@ class RotaryPositional(PositionalEncoding):
 
     def __init__(self, config: ModelConfig, base: float = 10000.0):
         super().__init__(config)
-        half = config.head_dim // 2
-        inv_freq = base ** (-torch.arange(half, dtype=torch.float32) / half)
-        angles = torch.arange(config.context_length, dtype=torch.float32).unsqueeze(1) * inv_freq
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.half = config.head_dim // 2
+        self.base = base
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions], self.sin[positions]
+        # computed per call, not stored as buffers: ``model.to(bfloat16)`` would cast buffers, and
+        # the angles must stay fp32
+        inv_freq = self.base ** (-torch.arange(self.half, dtype=torch.float32, device=positions.device) / self.half)
+        angles = positions.float().unsqueeze(1) * inv_freq
+        return angles.cos(), angles.sin()
 
     @classmethod
     def check(cls, config: ModelConfig) -> None:
@@ -150,7 +151,7 @@ class RotaryPositional(PositionalEncoding):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` of shape ``(B, H, T, D)`` by the ``(T, D/2)`` angles (rotate-half layout)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.to(torch.promote_types(x.dtype, torch.float32)).chunk(2, dim=-1)  # >= fp32, fp64 kept
     rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return rotated.to(x.dtype)
 
