@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,21 @@ def resolve_resume(cfg: DictConfig) -> str | None:
     return str(candidates[-1])
 
 
-def train(cfg: DictConfig) -> float | None:
-    """Fit, restore the best checkpoint, test; return ``cfg.optimized_metric``."""
+@dataclass
+class RunResult:
+    """What a finished run leaves behind (also written to ``results.json``)."""
+
+    trainer: L.Trainer
+    task: L.LightningModule
+    results: dict[str, Any]
+    metric: float | None
+
+
+def fit_and_test(cfg: DictConfig) -> RunResult:
+    """Fit, restore the best checkpoint, test. The task ends holding the best weights."""
     started = time.perf_counter()
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model_config = build_model_config(cfg, datamodule)
@@ -79,15 +92,17 @@ def train(cfg: DictConfig) -> float | None:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_metrics = _scalars(trainer.callback_metrics)
-    best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint else ""
     test_metrics: dict[str, float] = {}
     if cfg.test:
-        ckpt = "best" if best_path else None  # load the best weights (early stopping keeps the last ones)
-        test_metrics = _scalars(trainer.test(task, datamodule=datamodule, ckpt_path=ckpt)[0])
+        # "best" loads the best weights into the task (EarlyStopping alone would leave the last ones)
+        test_metrics = _scalars(trainer.test(task, datamodule=datamodule, ckpt_path="best" if best_path else None)[0])
     results = {
         "val": fit_metrics,
         "test": test_metrics,
         "best_checkpoint": best_path,
+        "best_score": float(checkpoint.best_model_score) if best_path and checkpoint.best_model_score else None,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "parameters": task.model.num_parameters(),
@@ -96,9 +111,14 @@ def train(cfg: DictConfig) -> float | None:
     }
     _write_results(cfg, trainer, results)
     metric = fit_metrics.get(cfg.optimized_metric)
-    if trainer.checkpoint_callback and trainer.checkpoint_callback.monitor == cfg.optimized_metric and best_path:
-        metric = float(trainer.checkpoint_callback.best_model_score)
-    return metric
+    if checkpoint and checkpoint.monitor == cfg.optimized_metric and results["best_score"] is not None:
+        metric = results["best_score"]
+    return RunResult(trainer, task, results, metric)
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one experiment; return ``cfg.optimized_metric`` (for multirun sweeps)."""
+    return fit_and_test(cfg).metric
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:

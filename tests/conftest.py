@@ -1,0 +1,63 @@
+"""Shared fixtures: compose the real Hydra configs of ``conf/`` for in-process tests, and locate the
+shared offline data (``../shared/data`` beside the repository)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``compose_config("+experiment=sequence_seed", "trainer.max_epochs=1")`` -> a resolved-ready config
+    whose outputs go to ``tmp_path``."""
+
+    def _compose(*overrides: str, config_name: str = "train") -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=list(overrides))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+            cfg.paths.resume_dir = str(tmp_path)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def tiny_sequence_overrides(epochs: int = 2) -> list[str]:
+    """Overrides that make a sequence run take a few seconds."""
+    return [
+        f"trainer.max_epochs={epochs}",
+        "data.train_samples_per_epoch=640",
+        "data.val_samples=96",
+        "data.test_samples=96",
+        "scheduler.warmup_steps=5",
+        "logger=csv",
+        "~callbacks.rich_progress_bar",
+        "~callbacks.rich_model_summary",
+        "~callbacks.samples",
+        "trainer.enable_model_summary=false",
+        "trainer.enable_progress_bar=false",
+    ]
