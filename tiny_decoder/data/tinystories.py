@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import pyarrow.compute as pc
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
@@ -229,6 +230,10 @@ class TextDataModule(L.LightningDataModule):
     After `setup`: `tokenizer`, `tokenizer_fingerprint`, `vocab_size` (the tokenizer's real size), `eot_id`,
     `context_length`, `bytes_per_token[split]`, `datasets[split]` (PackedBlocks), `cache_hit` (the packed
     streams were found on disk) and `tokenizer_trained` (this instance trained the tokenizer).
+
+    `tokenizer_json` (a `Tokenizer.to_str()`, e.g. the one a checkpoint stores) is used as given: the vocab
+    size is taken from it and no train split is needed (evaluating a trained model on new text).
+    Splits of `files` set to null are left out; all null means no files (the Hub dataset).
     """
 
     def __init__(
@@ -244,16 +249,20 @@ class TextDataModule(L.LightningDataModule):
         num_proc: int = 1,
         cache_dir: str | None = None,
         tokenizer_path: str | None = None,
+        tokenizer_json: str | None = None,
         max_train_docs: int | None = None,
         max_val_blocks: int | None = None,
         seed: int = 0,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["tokenizer_json"])  # large, and a model's checkpoint stores its own
         if text_format not in TEXT_FORMATS:
             raise ValueError(f"data.text_format={text_format!r} is not one of {sorted(TEXT_FORMATS)}")
+        self.given_tokenizer = Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
+        if self.given_tokenizer is not None:
+            vocab_size = self.given_tokenizer.get_vocab_size()
         tokenizer_lib.check_vocab_size(vocab_size)
-        self.files = self._normalize_files(files)
+        self.files = self._normalize_files(files, need_train=self.given_tokenizer is None)
         if self.files is None and not hub_dataset:
             raise ValueError("set data.files (split -> path) or data.hub_dataset")
         self.hub_dataset = hub_dataset
@@ -325,12 +334,14 @@ class TextDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- configuration helpers
 
     @staticmethod
-    def _normalize_files(files: Mapping | None) -> dict[str, list[Path]] | None:
+    def _normalize_files(files: Mapping | None, need_train: bool = True) -> dict[str, list[Path]] | None:
         if files is None:
             return None
-        normalized = {str(split): _as_path_list(paths) for split, paths in files.items()}
+        normalized = {str(split): _as_path_list(paths) for split, paths in files.items() if paths is not None}
+        if not normalized:
+            return None
         unknown = sorted(set(normalized) - set(SPLITS))
-        if unknown or "train" not in normalized:
+        if unknown or (need_train and "train" not in normalized):
             raise ValueError(f"data.files must map a 'train' split (and optionally {SPLITS[1:]}); got {unknown}")
         return normalized
 
@@ -390,9 +401,9 @@ class TextDataModule(L.LightningDataModule):
     def _load_documents(self) -> dict[str, datasets.Dataset]:
         raw = self._read_raw_splits()
         docs = {split: self._to_documents(ds) for split, ds in raw.items() if split in SPLITS}
-        if "validation" not in docs:
+        if "validation" not in docs and "train" in docs:
             self._hold_out_validation(docs)
-        if self.max_train_docs is not None:
+        if self.max_train_docs is not None and "train" in docs:
             docs["train"] = docs["train"].select(range(min(self.max_train_docs, len(docs["train"]))))
         for split, ds in docs.items():
             log.info("data: %s has %d documents", split, len(ds))
@@ -405,6 +416,9 @@ class TextDataModule(L.LightningDataModule):
         return self.cache_root / "tokenizers" / key / "tokenizer.json"
 
     def _get_tokenizer(self, key_inputs: dict, load_docs: Callable[[], dict]):
+        if self.given_tokenizer is not None:
+            self.tokenizer_trained = False
+            return self.given_tokenizer
         path = self.tokenizer_path or self._default_tokenizer_path(key_inputs)
         self.tokenizer_trained = not path.exists()
         return tokenizer_lib.load_or_train_tokenizer(

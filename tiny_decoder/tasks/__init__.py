@@ -3,7 +3,7 @@
 Importing this package registers every task in ``TASKS`` so checkpoints can be reloaded by task name.
 """
 
-from tiny_decoder.tasks import sequence_predictor  # noqa: F401
+from tiny_decoder.tasks import language_model, sequence_predictor  # noqa: F401
 from tiny_decoder.tasks.base import TASKS, DecoderTask, load_task
 
 __all__ = ["TASKS", "DecoderTask", "load_task"]

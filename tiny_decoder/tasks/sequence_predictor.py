@@ -97,6 +97,29 @@ class SequencePredictor(DecoderTask):
         continuation = self.continue_sequence(numbers, int(cfg.steps))
         return [" ".join(map(str, numbers)) + " -> " + " ".join(map(str, continuation))]
 
+    @torch.no_grad()
+    def evaluate_cli(self, cfg: Any) -> dict[str, float]:
+        """``evaluate n=3000 seed=S``: loss, accuracy, acc_last, mad and per-phase acc_last on ``n`` fresh
+        phase-balanced sequences drawn from ``seed`` (the test metrics, without baselines and families)."""
+        from lightning.fabric.utilities import move_data_to_device
+
+        from tiny_decoder.data.sequences import SequenceDataModule
+
+        data = SequenceDataModule(
+            seq_len=self.model_config.context_length,
+            batch_size=int(cfg.batch_size),
+            val_samples=1,
+            test_samples=int(cfg.n),
+            test_seed=int(cfg.seed),
+            max_value=self.model_config.vocab_size - 1,
+        )
+        self.test_metrics.reset()
+        for batch in data.test_dataloader():
+            self._evaluate(move_data_to_device(batch, self.device), self.test_metrics)
+        values = self.test_metrics.compute("test")
+        self.test_metrics.reset()
+        return {name: float(value) for name, value in values.items() if name.startswith("test/")}
+
     def sample_texts(self) -> list[tuple[str, str]]:
         return [
             (" ".join(map(str, p)), " ".join(map(str, self.continue_sequence(p, self.hparams.sample_steps))))

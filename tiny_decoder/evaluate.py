@@ -1,0 +1,68 @@
+"""``python -m tiny_decoder.evaluate ckpt=PATH ...``: metrics of a trained checkpoint, as a table (and JSON).
+
+Language model: loss, perplexity and bits per byte on each split given in ``data.files`` (tokenized with
+the tokenizer stored in the checkpoint), and LAMBADA last-word accuracy / loss with ``lambada=PATH``.
+Sequence predictor: accuracy, acc_last, mean absolute distance and per-phase accuracy on ``n`` fresh
+sequences drawn from ``seed``. Each task implements ``evaluate_cli(cfg) -> dict[str, float]``; this module
+loads the checkpoint, prints the table and writes ``output=PATH`` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from tiny_decoder.cli import run_cli
+from tiny_decoder.tasks import load_task
+
+
+def format_table(results: dict[str, float]) -> str:
+    """``metric  value`` lines: names left-aligned, values right-aligned."""
+    values = {name: format_value(value) for name, value in results.items()}
+    name_width = max([len("metric"), *map(len, values)])
+    value_width = max([len("value"), *map(len, values.values())])
+    lines = [f"{'metric':<{name_width}}  {'value':>{value_width}}", f"{'-' * name_width}  {'-' * value_width}"]
+    lines += [f"{name:<{name_width}}  {value:>{value_width}}" for name, value in values.items()]
+    return "\n".join(lines)
+
+
+def format_value(value: float) -> str:
+    """Counts as integers, large or tiny values in scientific notation, the rest with 4 decimals."""
+    if math.isfinite(value) and value == int(value) and abs(value) < 1e6:
+        return str(int(value))
+    if math.isfinite(value) and value != 0 and not 1e-3 <= abs(value) < 1e6:
+        return f"{value:.4e}"
+    return f"{value:.4f}"
+
+
+def write_json(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Load ``cfg.ckpt``, run its task's ``evaluate_cli``, print the table; write JSON when ``cfg.output``."""
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg.ckpt, map_location=cfg.device)
+    results = task.evaluate_cli(cfg)
+    print(format_table(results))
+    if cfg.get("output"):
+        payload = {"checkpoint": str(cfg.ckpt), "task": task.task_name, "metrics": results}
+        print(f"results written to {write_json(cfg.output, payload)}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_cli(evaluate_checkpoint, cfg)
+
+
+if __name__ == "__main__":
+    main()
