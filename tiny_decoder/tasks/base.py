@@ -17,6 +17,8 @@ from torch import nn
 
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.model.registry import Registry
+from tiny_decoder.training.finite_difference import ZerothOrderOptimizer
+from tiny_decoder.training.manual_optimization import configure_zeroth_order
 
 TASKS = Registry("task.name", group="task")
 
@@ -65,6 +67,8 @@ class DecoderTask(L.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured: set the optimizer config group (e.g. optimizer=adamw)")
         optimizer = self.optimizer_factory(parameter_groups(self.model))
+        if isinstance(optimizer, ZerothOrderOptimizer):  # finite differences: manual optimization, own step
+            return configure_zeroth_order(self, optimizer, self.scheduler_factory)
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
