@@ -1,8 +1,13 @@
-"""Shared command-line behaviour: a bad input ends the program with one clear line and exit code 2.
+"""Shared command-line behaviour: a bad input ends the program with one clear line and a non-zero exit code.
 
 Errors a user can fix (a config value, a missing file, a wrong checkpoint) are printed as
 ``error: <message>`` without a traceback (set ``TINY_DECODER_TRACEBACK=1`` to see it), also when Hydra's
-``instantiate`` wrapped them; anything else is a bug and keeps its traceback.
+``instantiate`` wrapped them; anything else is a bug and keeps its traceback. Exit codes: 2 for a bad input
+(also a config Hydra cannot compose, e.g. ``attention=foo``, via :func:`run_hydra`), 3 for a diverged run
+(non-finite loss), 128 + signal for a run stopped by SIGTERM / Ctrl+C after saving its checkpoint.
+
+:class:`FailedJobs` is a Hydra callback: after a multirun it lists the jobs that left an ``error.txt`` and
+exits with code 1 when there are any (the other jobs ran to the end).
 """
 
 from __future__ import annotations
@@ -10,31 +15,126 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-from hydra.errors import InstantiationException
+from hydra.errors import (
+    CompactHydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from rich.console import Console
 
 from tiny_decoder.model.registry import ConfigError
 
 T = TypeVar("T")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+
+class RunFailure(RuntimeError):
+    """A run ended early for a reason its message explains (diverged, interrupted): one line, ``exit_code``."""
+
+    exit_code = 1
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    FileNotFoundError,
+    ValueError,
+    MissingMandatoryValue,
+    RunFailure,
+)
+USER_ERROR_EXIT_CODE = 2
+ERROR_FILE = "error.txt"
+LIGHTNING_ERRORS = "lightning.fabric.utilities.exceptions"  # MisconfigurationException: a Trainer option clash
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS, plus Lightning's MisconfigurationException once Lightning is loaded (not imported here:
+    the tools that do not train start faster without it)."""
+    lightning = sys.modules.get(LIGHTNING_ERRORS)
+    return (*USER_ERRORS, lightning.MisconfigurationException) if lightning is not None else USER_ERRORS
 
 
 def user_error(error: BaseException) -> BaseException | None:
     """The user-fixable error behind ``error`` (unwrapping Hydra's InstantiationException), or None."""
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
-    return error if isinstance(error, USER_ERRORS) else None
+    return error if isinstance(error, user_error_types()) else None
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (OmegaConf's ``full_key:`` / ``object_type=`` details dropped)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, OmegaConfBaseException):
+        lines = lines[:1]
+    return " ".join(lines) or type(error).__name__
+
+
+def print_error(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
 
 
 def run_cli(function: Callable[..., T], *args: Any) -> T:
+    """Call ``function``; a user error is printed as one line and exits with its code (2 by default)."""
     try:
         return function(*args)
-    except (*USER_ERRORS, InstantiationException) as error:
+    except (*user_error_types(), InstantiationException) as error:
         cause = user_error(error)
         if cause is None or os.environ.get("TINY_DECODER_TRACEBACK"):
             raise
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {cause}", highlight=False)
-        sys.exit(2)
+        print_error(one_line(cause))
+        sys.exit(getattr(cause, "exit_code", USER_ERROR_EXIT_CODE))
+
+
+def composition_message(error: Exception) -> str:
+    """Hydra's composition error on one line; a missing group option lists the available ones."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if isinstance(error, MissingConfigException) and error.options:
+        return f"{lines[0]}; available options: {', '.join(error.options)}"
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}: {' '.join(lines)}"
+    cause = error.__cause__
+    details = [one_line(cause)] if isinstance(cause, OmegaConfBaseException) else []
+    return " ".join([*lines, *details])
+
+
+def run_hydra(main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` function so that a config Hydra cannot compose (an unknown option such as
+    ``attention=foo``, a key not in the config, a malformed override) is one line and exit code 2 instead of
+    Hydra's report. ``HYDRA_FULL_ERROR=1`` or ``TINY_DECODER_TRACEBACK=1`` keep Hydra's own behaviour."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("TINY_DECODER_TRACEBACK"):
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its multi-line report
+    try:
+        main()
+    except InstantiationException:
+        raise
+    except (CompactHydraException, ValueError) as error:  # ValueError: Hydra's own command-line checks
+        print_error(composition_message(error))
+        sys.exit(USER_ERROR_EXIT_CODE)
+
+
+class FailedJobs(Callback):
+    """Hydra callback (``hydra.callbacks``): after a multirun, name the failed jobs and exit with code 1.
+
+    A failed job leaves ``error.txt`` (exception type, message, traceback) in its directory; the other jobs
+    ran to the end, so the multirun directory is complete for ``python -m tiny_decoder.report``.
+    """
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        failed = sorted(sweep_dir.rglob(ERROR_FILE))
+        if not failed:
+            return
+        jobs = len(list(sweep_dir.rglob(".hydra")))
+        names = ", ".join(str(path.parent.relative_to(sweep_dir)) for path in failed)
+        print_error(
+            f"{len(failed)} of {jobs} jobs failed (job {names}; see error.txt in each); summary: "
+            f"python -m tiny_decoder.report {sweep_dir}"
+        )
+        sys.exit(1)

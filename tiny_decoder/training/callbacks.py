@@ -1,15 +1,45 @@
 """Lightning callbacks of the platform (the rest come straight from Lightning).
 
-``SampleLogger``: at the end of each validation, asks the task for a few continuations of fixed prompts
-(stories, number sequences), prints them and logs them as text to TensorBoard and as a table to W&B.
+- ``SampleLogger``: at the end of each validation, asks the task for a few continuations of fixed prompts
+  (stories, number sequences), prints them and logs them as text to TensorBoard and as a table to W&B.
+- ``AttentionMapLogger``: at the end of each validation, draws the attention weights of every layer and head
+  on the first validation sequence and logs the picture to W&B and TensorBoard (and keeps the PNG).
+- ``FiniteLossGuard``: stops the run at the first non-finite training loss, with a message naming the step
+  and the last good checkpoint (raised before the checkpoint callbacks run, so they never save the bad state).
+- ``SignalCheckpoint``: on SIGTERM (a cluster's preemption, ``docker stop``) or Ctrl+C, finishes the current
+  batch, saves ``last.ckpt`` and stops; a second Ctrl+C aborts at once.
+- ``ExactResume``: makes a resumed run repeat the uninterrupted one exactly: the training order depends only
+  on ``(seed, epoch)``, a resumed loader skips the batches its checkpoint had already consumed (Lightning saves
+  the loader's ``state_dict``), and torch's RNG is re-seeded from ``(seed, rank, epoch, batch)`` before every
+  training batch, so dropout does not depend on what ran before (validation, a restart).
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+
+from tiny_decoder.cli import RunFailure
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------------
+# Samples and attention maps
+# --------------------------------------------------------------------------------------------------------
 
 
 class SampleLogger(L.Callback):
@@ -46,3 +76,303 @@ def log_samples(logger: object, samples: list[tuple[str, str]], step: int) -> No
         logger.log_text(
             key="samples", columns=["step", "prompt", "continuation"], data=[[step, p, t] for p, t in samples]
         )
+
+
+IMAGE_LOGGERS = (TensorBoardLogger, WandbLogger)
+
+
+class AttentionMapLogger(L.Callback):
+    """Every ``every_n_validations`` validations, a ``layers x heads`` grid of attention heatmaps of the model
+    on the first ``max_tokens`` tokens of the first validation sequence, saved as
+    ``<dirpath>/step<N>.png`` and logged as the image ``attention`` to W&B and TensorBoard. Does nothing when
+    no such logger is attached; warns once and stops for attentions without per-token weights (linformer)."""
+
+    def __init__(self, dirpath: str | Path, every_n_validations: int = 1, max_tokens: int = 32):
+        self.dirpath = Path(dirpath)
+        self.every_n_validations = every_n_validations
+        self.max_tokens = max_tokens
+        self._validations = 0
+        self._ids: torch.Tensor | None = None
+        self._disabled = False
+
+    def on_validation_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, Mapping) and "input" in batch:
+            self._ids = batch["input"][:1, : self.max_tokens].detach().cpu()
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, IMAGE_LOGGERS)]
+        if trainer.sanity_checking or self._disabled or self._ids is None or not loggers:
+            return
+        self._validations += 1
+        if (self._validations - 1) % self.every_n_validations:
+            return
+        path = self.draw(pl_module, trainer.global_step)
+        for logger in loggers:
+            log_image(logger, path, trainer.global_step)
+
+    def draw(self, pl_module: L.LightningModule, step: int) -> Path | None:
+        from tiny_decoder.inspect import attention_weights, save_attention_png  # matplotlib: only when used
+
+        try:
+            model = copy.deepcopy(pl_module.model).cpu().eval()  # the live model keeps its mode and device
+            weights = attention_weights(model, self._ids)
+        except (ValueError, RuntimeError) as error:  # linformer has no per-token weights; a sharded model
+            rank_zero_warn(f"attention maps disabled: {error}")
+            self._disabled = True
+            return None
+        labels = token_labels(pl_module, self._ids[0].tolist())
+        title = f"attention at step {step} ({model.config.attention['name']})"
+        return save_attention_png(weights, labels, self.dirpath / f"step{step:07d}.png", title)
+
+
+def token_labels(pl_module: L.LightningModule, ids: list[int]) -> list[str]:
+    """Token texts when the task has a tokenizer (language model), else the ids (numbers)."""
+    from tiny_decoder.inspect import token_label, tokenizer_of
+
+    tokenizer = tokenizer_of(pl_module)
+    return [token_label(tokenizer, i) for i in ids] if tokenizer is not None else [str(i) for i in ids]
+
+
+def log_image(logger: object, path: Path | None, step: int) -> None:
+    """Log a PNG file as the image ``attention`` to W&B or TensorBoard."""
+    if path is None:
+        return
+    if isinstance(logger, WandbLogger):
+        logger.log_image(key="attention", images=[str(path)], step=step)
+    elif isinstance(logger, TensorBoardLogger):
+        from matplotlib.image import imread
+
+        logger.experiment.add_image("attention", imread(path)[..., :3], global_step=step, dataformats="HWC")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Failure handling: non-finite loss, signals
+# --------------------------------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RunFailure):
+    """The training loss became NaN or infinite; the run stops (exit code 3)."""
+
+    exit_code = 3
+
+
+class TrainingInterrupted(RunFailure):
+    """The run stopped on SIGTERM / SIGINT after saving ``last.ckpt`` (exit code 128 + the signal's number)."""
+
+    def __init__(self, message: str, exit_code: int = 128 + signal.SIGTERM):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def newest_checkpoint(trainer: L.Trainer) -> str | None:
+    """The most recently written checkpoint of the trainer's checkpoint callbacks (None if none exists)."""
+    paths = {
+        getattr(cb, name, "") for cb in trainer.checkpoint_callbacks for name in ("last_model_path", "best_model_path")
+    }
+    existing = [Path(p) for p in paths if p and Path(p).is_file()]
+    return str(max(existing, key=lambda p: p.stat().st_mtime)) if existing else None
+
+
+class FiniteLossGuard(L.Callback):
+    """Raises :class:`NonFiniteLossError` at the first training batch whose loss is NaN or infinite, naming the
+    step and the last good checkpoint. Lightning runs checkpoint callbacks after the others, so the bad state
+    is never saved. ``check_every_n_steps`` > 1 saves the GPU sync of the check on the other steps."""
+
+    def __init__(self, check_every_n_steps: int = 1):
+        self.check_every_n_steps = check_every_n_steps
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor) or trainer.global_step % self.check_every_n_steps:
+            return
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        last_good = newest_checkpoint(trainer) or "none saved yet"
+        raise NonFiniteLossError(
+            f"non-finite training loss ({loss.detach().float().mean().item()}) at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}, batch {batch_idx}); stopped. Last good checkpoint: {last_good} "
+            "(try a lower optimizer.lr or a longer scheduler.warmup_steps)"
+        )
+
+
+class SignalCheckpoint(L.Callback):
+    """SIGTERM or Ctrl+C during training: finish the batch, save ``<dirpath>/<filename>.ckpt``, stop.
+
+    Lightning turns SIGTERM into a clean stop at the end of the current batch (on every DDP rank); this
+    callback sends Ctrl+C the same way (a second Ctrl+C aborts at once) and saves the checkpoint when the
+    stop happens, so ``resume=auto`` continues from that exact batch.
+    """
+
+    def __init__(self, dirpath: str | Path, filename: str = "last"):
+        self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.received: int | None = None
+        self.saved_path: str | None = None
+        self._lightning_handler: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received, self.saved_path = None, None
+        handler = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is not threading.main_thread() or not callable(handler):
+            return
+        self._lightning_handler = handler
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl+C: stop now
+        self.received = signum
+        if signum == signal.SIGINT:
+            log.warning("Ctrl+C: stopping after this batch and saving a checkpoint (press again to abort at once)")
+        self._lightning_handler(signum, frame)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved_path = str(self.path)
+        log.warning("stopped at step %d; checkpoint saved to %s", trainer.global_step, self.path)
+
+    def interrupted(self, trainer: L.Trainer) -> TrainingInterrupted:
+        """The error that ends the run after the stop."""
+        signum = self.received or signal.SIGTERM
+        saved = f"saved {self.saved_path}" if self.saved_path else "no checkpoint saved"
+        return TrainingInterrupted(
+            f"interrupted by {signal.Signals(signum).name} at step {trainer.global_step}; {saved}; "
+            "continue with resume=auto (same command)",
+            exit_code=128 + signum,
+        )
+
+
+def interrupted_error(trainer: L.Trainer) -> TrainingInterrupted:
+    """What a run stopped by a signal raises (from its :class:`SignalCheckpoint`, if it has one)."""
+    saver = next((cb for cb in trainer.callbacks if isinstance(cb, SignalCheckpoint)), None)
+    if saver is not None:
+        return saver.interrupted(trainer)
+    return TrainingInterrupted(f"interrupted at step {trainer.global_step}; continue with resume=auto")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact resume
+# --------------------------------------------------------------------------------------------------------
+
+
+def mixed_seed(*values: int) -> int:
+    """A 63-bit seed from several integers (independent streams for different tuples)."""
+    low, high = np.random.SeedSequence([int(v) for v in values]).generate_state(2)
+    return (int(high) << 31) ^ int(low)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose shuffle order depends only on ``(seed, epoch)`` and that can resume mid-epoch.
+
+    ``state_dict()`` records the epoch and the batches served so far; after ``load_state_dict`` the next
+    iteration of that epoch skips them. ``epoch_fn`` tells the current epoch (the trainer's), so a loader
+    reused across epochs reshuffles the same way an uninterrupted run does.
+    """
+
+    def __init__(self, dataset: Any, *args: Any, seed: int = 0, epoch_fn: Callable[[], int] | None = None, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        self.seed = seed
+        self.epoch_fn = epoch_fn
+        self.epoch = 0
+        self.batches = 0
+        self._iterations = 0
+        self._pending: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        self.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
+        self._iterations += 1
+        if self.generator is not None:
+            self.generator.manual_seed(mixed_seed(self.seed, self.epoch))
+        iterator = super().__iter__()
+        self.batches = self._skip(iterator)
+        return self._counted(iterator)
+
+    def _skip(self, iterator: Iterator[Any]) -> int:
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != self.epoch or not 0 < pending[1] < len(self):
+            return 0
+        for _ in range(pending[1]):
+            next(iterator)
+        return pending[1]
+
+    def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        for batch in iterator:
+            self.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._pending = (int(state["epoch"]), int(state["batches"]))
+
+
+def resumable_loader(loader: Any, seed: int, epoch_fn: Callable[[], int]) -> Any:
+    """``loader`` rebuilt as a :class:`ResumableLoader` (same dataset and options); other iterables unchanged."""
+    sampler = getattr(loader, "sampler", None)
+    plain = (
+        type(loader) is DataLoader
+        and type(loader.batch_sampler) is BatchSampler
+        and (type(sampler) is SequentialSampler or (type(sampler) is RandomSampler and not sampler.replacement))
+    )
+    if not plain:
+        rank_zero_warn("ExactResume: the training loader is not a plain DataLoader; a resumed epoch starts over")
+        return loader
+    shuffle = isinstance(sampler, RandomSampler)
+    options = {
+        "batch_size": loader.batch_size,
+        "num_workers": loader.num_workers,
+        "collate_fn": loader.collate_fn,
+        "pin_memory": loader.pin_memory,
+        "drop_last": loader.drop_last,
+        "timeout": loader.timeout,
+        "worker_init_fn": loader.worker_init_fn,
+        "persistent_workers": loader.persistent_workers,
+    }
+    if loader.num_workers:
+        options["prefetch_factor"] = loader.prefetch_factor
+    generator = torch.Generator() if shuffle else None
+    return ResumableLoader(
+        loader.dataset, shuffle=shuffle, generator=generator, seed=seed, epoch_fn=epoch_fn, **options
+    )
+
+
+class ExactResume(L.Callback):
+    """Training order and randomness as pure functions of ``(seed, epoch, batch)``, so that a run resumed from
+    any checkpoint (even mid-epoch) ends exactly like the uninterrupted run with the same seed.
+
+    Wraps the data module's ``train_dataloader`` (during fit) into a :class:`ResumableLoader`, and re-seeds
+    torch's RNG before every training batch from ``(seed, rank, epoch, batch index)``.
+    """
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage != "fit" or datamodule is None or "train_dataloader" in vars(datamodule):
+            return
+        original = datamodule.train_dataloader
+
+        def train_dataloader() -> Any:
+            return resumable_loader(original(), self.seed, lambda: trainer.fit_loop.epoch_progress.current.processed)
+
+        train_dataloader.__wrapped__ = original  # Lightning's is_overridden() looks through it
+        datamodule.train_dataloader = train_dataloader
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if stage == "fit" and datamodule is not None and "train_dataloader" in vars(datamodule):
+            del datamodule.train_dataloader
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        torch.manual_seed(mixed_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
