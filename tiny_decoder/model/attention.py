@@ -4,11 +4,17 @@
 KV cache; subclasses only implement :meth:`attend` (``q, k, v -> output``). ``standard`` is the explicit
 ``softmax(QK^T / sqrt(d) + bias) V`` and can record its weights for inspection; ``sdpa`` calls torch's
 fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels where the device has them).
+
+Heads can be gated and removed (structured pruning, ``tiny_decoder/training/pruning.py``): ``head_gate``, when
+set, multiplies each head's output (a 0/1 mask, or ones whose gradient is Michel et al.'s head importance);
+:meth:`CausalSelfAttention.keep_heads` removes the other heads' rows of the q/k/v projection and columns of the
+output projection, so a layer's ``n_heads`` can be below ``config.n_heads``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +43,39 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.is_residual_projection = True
+        self.head_gate: torch.Tensor | None = None  # (n_heads,) factor on each head's output; None: no gate
+
+    @property
+    def inner_dim(self) -> int:
+        """Width of the concatenated heads: d_model, less after head pruning."""
+        return self.n_heads * self.head_dim
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         return x.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = (self.split_heads(t) for t in self.qkv(x).split(width, dim=2))
+        batch, length, _ = x.shape
+        q, k, v = (self.split_heads(t) for t in self.qkv(x).split(self.inner_dim, dim=2))
         if inputs.rotary is not None:
             q, k = apply_rotary(q, *inputs.rotary), apply_rotary(k, *inputs.rotary)
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
         y = self.attend(q, k, v, inputs)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+        if self.head_gate is not None:
+            y = y * self.head_gate.to(y.dtype).view(1, -1, 1, 1)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, self.inner_dim))
+
+    def keep_heads(self, heads: Sequence[int]) -> None:
+        """Physically remove every head not in ``heads`` (indices into this layer's current heads)."""
+        heads = sorted(set(heads))
+        if not heads or not all(0 <= h < self.n_heads for h in heads):
+            raise ValueError(f"keep_heads: need 1 to {self.n_heads} distinct heads in [0, {self.n_heads}), got {heads}")
+        columns = torch.cat([torch.arange(h * self.head_dim, (h + 1) * self.head_dim) for h in heads])
+        rows = torch.cat([columns + part * self.inner_dim for part in range(3)])  # the q, k and v blocks
+        self.qkv = _select_linear(self.qkv, rows.to(self.qkv.weight.device), dim=0)
+        self.proj = _select_linear(self.proj, columns.to(self.proj.weight.device), dim=1)
+        self.n_heads = len(heads)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         raise NotImplementedError
@@ -58,6 +83,20 @@ class CausalSelfAttention(nn.Module):
     @property
     def active_dropout(self) -> float:
         return self.dropout_p if self.training else 0.0
+
+
+def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A new Linear holding the ``index`` rows (``dim=0``, outputs) or columns (``dim=1``, inputs) of ``linear``."""
+    weight = linear.weight.detach().index_select(dim, index)
+    bias = linear.bias
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias.detach().index_select(0, index) if dim == 0 else bias.detach())
+    if getattr(linear, "is_residual_projection", False):
+        out.is_residual_projection = True
+    return out
 
 
 def masked_scores(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs, visible: torch.Tensor) -> torch.Tensor:

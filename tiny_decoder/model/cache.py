@@ -33,9 +33,10 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} positions; appending would reach {end}")
-        self.keys[layer, :, :, self.length : end] = k
-        self.values[layer, :, :, self.length : end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        heads = k.shape[1]  # a head-pruned layer (fewer heads than the model's n_heads) uses the first slots
+        self.keys[layer, :, :heads, self.length : end] = k
+        self.values[layer, :, :heads, self.length : end] = v
+        return self.keys[layer, :, :heads, :end], self.values[layer, :, :heads, :end]
 
     def advance(self, n_tokens: int) -> None:
         """Called once per forward, after every layer appended its ``n_tokens`` new positions."""

@@ -94,8 +94,13 @@ class DecoderTransformer(nn.Module):
             dtype=dtype or weight.dtype,
         )
 
-    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final hidden states ``(B, T, d_model)`` before the head (after the final norm, if any)."""
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states ``(..., d_model)``: the final norm (if any), then the head. Early exit reads
+        every layer through it (CALM's shared head)."""
+        return self.head(self.final_norm(hidden))
+
+    def embed(self, ids: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, AttentionInputs]:
+        """Input of the first block ``(B, T, d_model)`` and the attention inputs of these positions."""
         if ids.dim() != 2:
             raise ValueError(f"expected token ids of shape (batch, length), got {tuple(ids.shape)}")
         start = cache.length if cache is not None else 0
@@ -110,11 +115,21 @@ class DecoderTransformer(nn.Module):
         additive = self.positional.embed(q_pos)
         if additive is not None:
             x = x + additive.to(x.dtype)
-        inputs = self.positional.attention_inputs(q_pos, k_pos)
-        x = self.depth(self.blocks, self.dropout(x), inputs, cache)
+        return self.dropout(x), self.positional.attention_inputs(q_pos, k_pos)
+
+    def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final hidden states ``(B, T, d_model)`` before the head (after the final norm, if any)."""
+        x, inputs = self.embed(ids, cache)
+        x = self.depth(self.blocks, x, inputs, cache, self.readout)
         if cache is not None:
-            cache.advance(length)
+            cache.advance(ids.shape[1])
         return self.final_norm(x)
+
+    def exit_logits(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every exit the depth strategy trains with its own loss, the model's output last: one entry
+        (``forward(ids)``) except for early exit, which reads the shared head after every block."""
+        x, inputs = self.embed(ids)
+        return [self.readout(h) for h in self.depth.exit_states(self.blocks, x, inputs, self.readout)]
 
     def forward(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         logits = self.head(self.hidden_states(ids, cache))

@@ -4,6 +4,11 @@ It builds the :class:`DecoderTransformer` from a model-config dict (stored in th
 hyper-parameters, so a checkpoint rebuilds the exact model), sets ``example_input_array`` for the model
 summary, and configures the optimizer and per-step LR schedule from Hydra ``_partial_`` factories with
 weight decay only on matrices (not biases, norms or embeddings).
+
+The training objective is :meth:`DecoderTask.training_loss`, shared by every task: the task's own ``loss``
+(logits, targets) on each exit the depth strategy trains (the output alone, or every layer with early exit,
+weighted), plus the distillation term when a teacher is attached (``distillation=kd``). Checkpoints of pruned
+models (magnitude masks, removed heads) load into a freshly built task (``on_load_checkpoint``, ``load_task``).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from torch import nn
 
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.model.registry import Registry
+from tiny_decoder.training.distillation import Distiller
 from tiny_decoder.training.finite_difference import ZerothOrderOptimizer
 from tiny_decoder.training.manual_optimization import configure_zeroth_order
+from tiny_decoder.training.pruning import conform_to_state_dict
 
 TASKS = Registry("task.name", group="task")
 
@@ -33,7 +40,7 @@ def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:
                 continue
-            is_matrix = isinstance(module, nn.Linear) and name == "weight"
+            is_matrix = isinstance(module, nn.Linear) and name in ("weight", "weight_orig")  # _orig: pruned
             (decay if is_matrix else no_decay).append(param)
     unique_decay = list({id(p): p for p in decay}.values())
     seen = {id(p) for p in unique_decay}
@@ -59,9 +66,36 @@ class DecoderTask(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.example_input_array = torch.zeros(2, self.model_config.context_length, dtype=torch.long)
+        self.distiller: Distiller | None = None  # attached by the KnowledgeDistillation callback while fitting
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The task's loss of ``(B, T, V)`` logits against ``(B, T)`` targets."""
+        raise NotImplementedError
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training objective (module doc): task loss on every trained exit, plus distillation if any."""
+        exits = self.model.exit_logits(batch["input"])
+        weights = self.model.depth.exit_weights(len(exits))
+        losses = [self.loss(logits, batch["target"]) for logits in exits]
+        loss = losses[0] if len(losses) == 1 else sum(w * value for w, value in zip(weights, losses, strict=True))
+        if self.distiller is not None:
+            loss = self.distiller.combine(loss, exits[-1], batch["input"])
+        return loss
+
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._log_depth("val", batch)
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._log_depth("test", batch)
+
+    def _log_depth(self, prefix: str, batch: dict[str, torch.Tensor]) -> None:
+        """Average blocks run per token under a dynamic depth (early exit, a LayerDrop sub-network)."""
+        layers = self.model.depth.layers_per_token
+        if layers is not None:
+            self.log(f"{prefix}/layers_per_token", layers, batch_size=batch["input"].numel())
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -78,6 +112,9 @@ class DecoderTask(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tiny_decoder"] = {"task": self.task_name, "model": self.model_config.to_dict()}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        conform_to_state_dict(self, checkpoint["state_dict"])  # pruned masks / heads (resume, test of best)
+
     @property
     def decoder(self) -> DecoderTransformer:
         return self.model
@@ -91,5 +128,6 @@ def load_task(checkpoint_path: str, map_location: str | torch.device = "cpu") ->
         raise ValueError(f"{checkpoint_path} is not a tiny_decoder checkpoint (no 'tiny_decoder' metadata)")
     task_cls = TASKS.get(meta["task"])
     task = task_cls(**checkpoint["hyper_parameters"])
+    conform_to_state_dict(task, checkpoint["state_dict"])
     task.load_state_dict(checkpoint["state_dict"])
     return task.eval()

@@ -163,13 +163,16 @@ class LanguageModel(DecoderTask):
 
     # ---------------------------------------------------------------- training and evaluation steps
 
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return next_token_cross_entropy(logits, target)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = next_token_cross_entropy(self(batch["input"]), batch["target"])
+        loss = self.training_loss(batch)  # self.loss, plus distillation / early-exit terms when configured
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: LanguageModelMetrics) -> None:
-        loss = next_token_cross_entropy(self(batch["input"]), batch["target"])
+        loss = self.loss(self(batch["input"]), batch["target"])
         metrics.update(loss, batch["target"].numel())
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

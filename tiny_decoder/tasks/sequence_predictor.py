@@ -55,7 +55,7 @@ class SequencePredictor(DecoderTask):
         return distance_weighted_cross_entropy(logits, target, hp.alpha, hp.weighting, hp.prediction)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self(batch["input"]), batch["target"])
+        loss = self.training_loss(batch)  # self.loss, plus distillation / early-exit terms when configured
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
