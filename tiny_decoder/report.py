@@ -245,12 +245,30 @@ def compact(number: float) -> str:
     return f"{number:.3g}"
 
 
+def panel_keys(swept: Sequence[str]) -> list[str]:
+    """Swept keys that get their own panel: a field of a swept group (``attention.k`` when ``attention`` is
+    swept) is shown inside its group's panel instead."""
+    return [key for key in swept if key.split(".", 1)[0] == key or key.split(".", 1)[0] not in swept]
+
+
+def sets_key(job: Job, key: str) -> bool:
+    return any(k == key or k.startswith(key + ".") for k in job.overrides)
+
+
+def option_label(job: Job, key: str) -> str:
+    """The job's option for ``key``, with any of that group's fields it also set: ``linformer (k=4)``."""
+    fields = [f"{k.split('.', 1)[1]}={v}" for k, v in job.overrides.items() if k.startswith(key + ".")]
+    option = job.overrides.get(key, DEFAULT_VALUE)
+    return f"{option} ({', '.join(fields)})" if fields else option
+
+
 def panel_groups(jobs: Sequence[Job], key: str, swept: Sequence[str]) -> dict[str, list[Job]]:
-    """Option -> jobs for one key's panel: the jobs that set ``key``, plus baselines that set no swept key."""
+    """Option -> jobs for one key's panel: the jobs that set ``key`` (or one of its fields), plus baselines
+    that set no swept key."""
     groups: dict[str, list[Job]] = {}
     for job in jobs:
-        if key in job.overrides or not any(k in job.overrides for k in swept):
-            groups.setdefault(job.overrides.get(key, DEFAULT_VALUE), []).append(job)
+        if sets_key(job, key) or not any(k in job.overrides for k in swept):
+            groups.setdefault(option_label(job, key), []).append(job)
     return groups
 
 
@@ -292,7 +310,8 @@ def save_figure(figure: Figure, path: Path) -> Path:
 
 
 def plot_results(jobs: Sequence[Job], swept: Sequence[str], metric: str, path: Path) -> Path:
-    panels = [(key, panel_groups(jobs, key, swept)) for key in swept] or [("job", {job.name: [job] for job in jobs})]
+    panels = [(key, panel_groups(jobs, key, swept)) for key in panel_keys(swept)]
+    panels = panels or [("job", {job.name: [job] for job in jobs})]
     figure = Figure(figsize=(1.5 + 4.0 * len(panels), 4.2), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
