@@ -85,6 +85,32 @@ class DecoderTask(L.LightningModule):
             loss = self.distiller.combine(loss, exits[-1], batch["input"])
         return loss
 
+    # Steps shared by the tasks: each task builds ``val_metrics`` / ``test_metrics`` and implements
+    # ``_evaluate(batch, metrics)`` (update them) and ``_log_metrics(metrics, prefix)`` (log and reset them).
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)  # self.loss, plus distillation / early-exit terms when configured
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metrics: Any) -> None:
+        raise NotImplementedError
+
+    def _log_metrics(self, metrics: Any, prefix: str) -> None:
+        raise NotImplementedError
+
     def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._log_depth("val", batch)
 

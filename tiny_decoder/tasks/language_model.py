@@ -166,26 +166,9 @@ class LanguageModel(DecoderTask):
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return next_token_cross_entropy(logits, target)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.training_loss(batch)  # self.loss, plus distillation / early-exit terms when configured
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: LanguageModelMetrics) -> None:
         loss = self.loss(self(batch["input"]), batch["target"])
         metrics.update(loss, batch["target"].numel())
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
 
     def _log_metrics(self, metrics: LanguageModelMetrics, prefix: str) -> None:
         self.log_dict(metrics.compute(prefix, self.bytes_per_token(prefix)), prog_bar=True)

@@ -54,26 +54,9 @@ class SequencePredictor(DecoderTask):
         hp = self.hparams
         return distance_weighted_cross_entropy(logits, target, hp.alpha, hp.weighting, hp.prediction)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.training_loss(batch)  # self.loss, plus distillation / early-exit terms when configured
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: SequenceMetrics) -> None:
         logits = self(batch["input"])
         metrics.update(logits, batch, self.loss(logits, batch["target"]))
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
 
     def _log_metrics(self, metrics: SequenceMetrics, prefix: str) -> None:
         values = metrics.compute(prefix)
