@@ -16,7 +16,15 @@ from tiny_decoder.tasks.base import TASKS, DecoderTask, OptimizerFactory, Schedu
 from tiny_decoder.training.losses import DISTANCE_WEIGHTINGS, PREDICTIONS, distance_weighted_cross_entropy
 from tiny_decoder.training.metrics import SequenceMetrics
 
-DEFAULT_PROMPTS = ([1, 2, 4, 7, 11], [2, 4, 8, 16], [1, 0, 1, 0, 1], [5, 5, 6, 6, 7], [200, 100, 150, 75])
+# One of each phase's kinds of rule, long enough (7 numbers) that the rule is determined.
+DEFAULT_PROMPTS = (
+    [1, 2, 4, 7, 11, 16, 22],  # growing steps
+    [3, 6, 12, 24, 48, 96, 192],  # geometric
+    [9, 4, 9, 4, 9, 4, 9],  # alternating
+    [5, 5, 6, 6, 7, 7, 8],  # two-step
+    [200, 100, 150, 75, 112, 56, 84],  # rational factors (x1/2, x3/2)
+    [1, 1, 2, 0, 2, 2, 1],  # fibonacci mod 3
+)
 
 
 @TASKS.register("sequence")
