@@ -321,13 +321,16 @@ def plot_results(jobs: Sequence[Job], swept: Sequence[str], metric: str, path: P
     return save_figure(figure, path)
 
 
-def read_curve(csv_path: Path, metric: str) -> tuple[list[float], list[float]]:
+def read_logged_rows(csv_path: Path, metric: str) -> list[dict[str, float]]:
+    """The rows of a run's ``csv/metrics.csv`` that logged ``metric``, with every non-empty cell as a float."""
     with csv_path.open(newline="") as handle:
-        points = [(row.get("step"), row.get(metric)) for row in csv.DictReader(handle)]
-    pairs = [
-        (float(step), float(value)) for step, value in points if step not in (None, "") and value not in (None, "")
-    ]
-    return [step for step, _ in pairs], [value for _, value in pairs]
+        rows = [row for row in csv.DictReader(handle) if row.get(metric) not in (None, "")]
+    return [{key: float(value) for key, value in row.items() if value not in (None, "")} for row in rows]
+
+
+def read_curve(csv_path: Path, metric: str) -> tuple[list[float], list[float]]:
+    rows = [row for row in read_logged_rows(csv_path, metric) if "step" in row]
+    return [row["step"] for row in rows], [row[metric] for row in rows]
 
 
 def curve_label(job: Job, swept: Sequence[str]) -> str:

@@ -9,7 +9,6 @@ set, plus wall time) and ``val_accuracy.png`` (validation accuracy at the last p
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -18,11 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def read_validation_rows(run_dir: Path) -> list[dict[str, float]]:
-    with open(run_dir / "csv" / "metrics.csv") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("val/loss")]
-    return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in rows]
+from tiny_decoder.report import read_logged_rows  # noqa: E402
 
 
 def table(runs: dict[str, Path]) -> str:
@@ -69,7 +64,7 @@ def table(runs: dict[str, Path]) -> str:
 def plot(runs: dict[str, Path], out: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
     for name, path in runs.items():
-        rows = read_validation_rows(path)
+        rows = read_logged_rows(path / "csv" / "metrics.csv", "val/loss")
         steps = [r["step"] for r in rows]
         for ax, key in zip(
             axes, ["val/acc_last", "val/phase1_acc_last", "val/phase2_acc_last", "val/phase3_acc_last"], strict=True

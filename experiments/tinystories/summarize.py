@@ -7,7 +7,6 @@ tokens seen, with the plain-GPT reference line.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -16,13 +15,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from tiny_decoder.report import read_logged_rows  # noqa: E402
+
 REFERENCE_BPB = 1.49  # plain hand-written GPT, 2.2M params, 15 minutes on this 2-core machine (issue 4)
-
-
-def validation_rows(run_dir: Path) -> list[dict[str, float]]:
-    with open(run_dir / "csv" / "metrics.csv") as handle:
-        rows = [r for r in csv.DictReader(handle) if r.get("val/bpb")]
-    return [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in rows]
 
 
 def main() -> None:
@@ -31,7 +26,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--tokens-per-step", type=int, default=32 * 256)
     args = parser.parse_args()
-    rows = validation_rows(args.run)
+    rows = read_logged_rows(args.run / "csv" / "metrics.csv", "val/bpb")
     steps = [r["step"] + 1 for r in rows]
     tokens = [s * args.tokens_per_step / 1e6 for s in steps]
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 3.8))
