@@ -346,8 +346,10 @@ def test_hybrid_schedule_switches_either_way():
 
 
 def test_finite_differences_lower_the_loss_of_a_small_sequence_model():
-    """n-SPSA on the sequence task's loss (its differentiable ``expected`` prediction), float64: 100 steps
-    on one batch of sequences lower that batch's loss by more than 10%."""
+    """n-SPSA on the sequence task's loss (its differentiable ``expected`` prediction), float64: 200 steps
+    on one batch of sequences lower that batch's loss by more than 10%. (After 100 steps the drop is 8-21%
+    depending on the initial weights, which torch's CPU RNG draws differently on different CPUs; after 200 it
+    is 16-27% for the six seeds tried.)"""
     torch.manual_seed(0)
     config = dict(vocab_size=256, context_length=8, d_model=4, n_layers=1, n_heads=2, d_ff=16)
     model = DecoderTransformer(ModelConfig.from_dict({**config, "attention": {"name": "standard"}})).double()
@@ -359,7 +361,7 @@ def test_finite_differences_lower_the_loss_of_a_small_sequence_model():
     optimizer = ZerothOrderOptimizer(model.parameters(), lr=1e-2, directions=8, parallel="vmap", seed=0).bind(model)
     with torch.no_grad():
         initial = loss_fn().item()
-        losses = [optimizer.step(loss_fn).item() for _ in range(100)]
+        losses = [optimizer.step(loss_fn).item() for _ in range(200)]
         final = loss_fn().item()
     assert final < 0.9 * initial, (initial, final)
     assert sum(losses[-10:]) < sum(losses[:10])  # the logged (pre-step) losses fall too
