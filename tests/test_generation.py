@@ -15,12 +15,11 @@ DRAWS = 4000
 
 
 class ScriptedModel(nn.Module):
-    """Ignores its input: row ``b`` predicts ``scripts[b][n]`` after ``n`` generated tokens (no cache)."""
+    """Ignores its input: at its ``n``-th call (0-based) row ``b`` predicts ``scripts[b][n]`` (no cache)."""
 
-    def __init__(self, scripts: list[list[int]], prompt_length: int, vocab_size: int = 16, context_length: int = 64):
+    def __init__(self, scripts: list[list[int]], vocab_size: int = 16, context_length: int = 64):
         super().__init__()
         self.scripts = scripts
-        self.prompt_length = prompt_length
         self.vocab_size = vocab_size
         self.config = SimpleNamespace(context_length=context_length)
         self.calls = 0
@@ -29,8 +28,8 @@ class ScriptedModel(nn.Module):
         return None
 
     def forward(self, ids: torch.Tensor, cache: None = None) -> torch.Tensor:
+        step = self.calls
         self.calls += 1
-        step = ids.shape[1] - self.prompt_length
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.vocab_size)
         for row, script in enumerate(self.scripts):
             logits[row, -1, script[min(step, len(script) - 1)]] = 10.0
@@ -113,7 +112,7 @@ def test_top_p_samples_stay_in_the_nucleus():
 
 def test_eos_stops_generation_and_pads_finished_rows():
     eos = 1
-    model = ScriptedModel([[5, 6, eos, 7, 7], [8, eos, 9, 9, 9]], prompt_length=2)
+    model = ScriptedModel([[5, 6, eos, 7, 7], [8, eos, 9, 9, 9]])
     prompt = torch.zeros(2, 2, dtype=torch.long)
     tokens = generate(model, prompt, max_new_tokens=10, eos_id=eos)
     assert tokens[:, 2:].tolist() == [[5, 6, eos], [8, eos, eos]]  # row 1 padded after its eos
@@ -121,7 +120,7 @@ def test_eos_stops_generation_and_pads_finished_rows():
 
 
 def test_generation_stops_at_max_new_tokens_without_eos():
-    model = ScriptedModel([[3, 4, 5]], prompt_length=1)
+    model = ScriptedModel([[3, 4, 5]])
     tokens = generate(model, torch.zeros(1, 1, dtype=torch.long), max_new_tokens=6, eos_id=1)
     assert tokens.shape == (1, 7)
     assert tokens[0, 1:].tolist() == [3, 4, 5, 5, 5, 5]
@@ -142,3 +141,61 @@ def test_generate_restores_training_mode():
     model = lm_sized_model("rope").train()
     generate(model, torch.zeros(1, 3, dtype=torch.long), 2)
     assert model.training
+
+
+def test_compiled_decoding_equals_eager_and_follows_weight_changes():
+    """The compiled static-cache step (weights frozen into the graph) decodes like the eager cache, for two
+    models in turn, and recompiles after the weights change in place (stale frozen weights would not)."""
+    first, second = lm_sized_model("rope"), lm_sized_model("learned")
+    prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(3))
+    for model in (first, second, first):
+        eager = generate(model, prompt, 40, temperature=0.0)  # 45 > context 32: the last steps recompute
+        assert torch.equal(generate(model, prompt, 40, temperature=0.0, compile=True), eager)
+    before = generate(first, prompt, 40)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(7)
+        for parameter in first.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.3)  # in place: same tensors, new values
+    after = generate(first, prompt, 40)
+    assert not torch.equal(after[:, 6:], before[:, 6:])  # stale frozen weights would repeat `before`
+    assert torch.equal(generate(first, prompt, 40, compile=True), after)
+
+
+def test_compiled_decoding_compiles_once_per_model_and_batch_shape():
+    """Prompt and output lengths (the token buffer's strides) must not cause recompilations: a recompiled step
+    would also miss the frozen-weight settings and run several times slower."""
+    from torch._dynamo.utils import counters
+
+    model = lm_sized_model("rope")
+    generate(model, torch.zeros(1, 2, dtype=torch.long), 3, compile=True)
+    compiled = counters["stats"]["unique_graphs"]
+    for prompt_length, new_tokens in ((1, 7), (4, 20), (9, 30)):
+        generate(model, torch.ones(1, prompt_length, dtype=torch.long), new_tokens, compile=True)
+    assert counters["stats"]["unique_graphs"] == compiled
+    generate(model, torch.ones(2, 3, dtype=torch.long), 5, compile=True)  # a new batch size: one new graph
+    assert counters["stats"]["unique_graphs"] == compiled + 1
+
+
+def test_compiled_decoding_falls_back_to_eager_for_attentions_without_a_static_cache(caplog):
+    config = ModelConfig(vocab_size=64, context_length=16, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                         attention={"name": "longformer", "window": 4})  # fmt: skip
+    model = DecoderTransformer(config).eval()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    assert torch.equal(generate(model, prompt, 8, compile=True), generate(model, prompt, 8))
+    assert "cannot use a static KV cache" in caplog.text
+
+
+def test_generate_cli_compile_flag_continues_like_eager():
+    """``python -m tiny_decoder.generate ... compile=true`` (the task's generate_cli) gives the eager output."""
+    from omegaconf import OmegaConf
+
+    from tiny_decoder.tasks.sequence_predictor import SequencePredictor
+
+    torch.manual_seed(0)
+    config = dict(vocab_size=256, context_length=16, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.3)
+    task = SequencePredictor(model=config).eval()
+    eager, compiled = (
+        task.generate_cli(OmegaConf.create({"sequence": "1 2 4 7 11", "steps": 8, "compile": flag}))
+        for flag in (False, True)
+    )
+    assert compiled == eager and len(eager[0].split("->")[1].split()) == 8

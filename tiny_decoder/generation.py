@@ -3,14 +3,33 @@
 The model always sees at most its last ``context_length`` tokens (nanoGPT's crop). While the sequence
 fits, each step feeds only the newest token through the cache; once it overflows, each step re-encodes
 the cropped window (positions restart at 0, as in training).
+
+Three ways to run a step (:func:`generate`'s ``use_cache`` / ``compile``):
+
+* recompute: the whole (cropped) sequence every step, no cache;
+* cached (default): a :class:`~tiny_decoder.model.cache.KVCache`, eager;
+* compiled: a :class:`~tiny_decoder.model.cache.StaticKVCache` (fixed shapes) and a ``torch.compile``'d
+  one-token step with the weights frozen into the graph (inductor freezing, max-autotune GEMMs: on a CPU the
+  weights are prepacked for its matrix-vector kernels). The prompt is encoded eagerly; the first step of a
+  new model or batch shape compiles (tens of seconds on a CPU), later ones reuse it. At small sizes decoding
+  is bound by per-op overhead and weight reads, which is what the compiled step removes
+  (``benchmarks/generation.py``). If the weights change in place (training) the step is recompiled.
 """
 
 from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
 
 import torch
 
 from tiny_decoder.model.cache import KVCache
 from tiny_decoder.model.transformer import DecoderTransformer
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[torch.Tensor, int], torch.Tensor]  # (tokens buffer, tokens so far) -> (B, V) next-token logits
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -59,37 +78,153 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Continue ``prompt`` ``(B, T)`` by up to ``max_new_tokens``; returns ``(B, T + n)``.
 
-    Rows that emitted ``eos_id`` keep emitting it; decoding stops once every row has.
+    Rows that emitted ``eos_id`` keep emitting it; decoding stops once every row has. ``compile``: the
+    compiled static-cache step (module doc); falls back to the eager cache, with a warning, for attentions
+    that need the key count (linformer, longformer).
     """
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (batch, length>0) token ids, got shape {tuple(prompt.shape)}")
     was_training = model.training
     model.eval()
-    context = model.config.context_length
-    tokens = prompt
-    cache: KVCache | None = model.new_cache(prompt.shape[0]) if use_cache else None
-    logits = _step(model, tokens, cache, context, fed=0)
-    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    for _ in range(max_new_tokens):
-        next_token = select_next_token(logits[:, -1], temperature, top_k, top_p, generator)
-        if eos_id is not None:
-            next_token = next_token.masked_fill(finished, eos_id)
-            finished |= next_token == eos_id
-        tokens = torch.cat([tokens, next_token.unsqueeze(1)], dim=1)
-        if eos_id is not None and bool(finished.all()):
-            break
-        logits = _step(model, tokens, cache, context, fed=tokens.shape[1] - 1)
-    model.train(was_training)
-    return tokens
+    try:
+        batch, prompt_length = prompt.shape
+        tokens = torch.empty(batch, prompt_length + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
+        tokens[:, :prompt_length] = prompt
+        step = _stepper(model, batch, use_cache, compile)
+        n = prompt_length
+        logits = step(tokens, n)
+        finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
+        for _ in range(max_new_tokens):
+            next_token = select_next_token(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_token = next_token.masked_fill(finished, eos_id)
+                finished |= next_token == eos_id
+            tokens[:, n] = next_token
+            n += 1
+            if eos_id is not None and bool(finished.all()):
+                break
+            if n < tokens.shape[1]:  # the last token needs no logits
+                logits = step(tokens, n)
+        return tokens[:, :n]
+    finally:
+        model.train(was_training)
 
 
-def _step(
-    model: DecoderTransformer, tokens: torch.Tensor, cache: KVCache | None, context: int, fed: int
-) -> torch.Tensor:
-    """Logits for the last position; ``fed`` tokens are already in the cache."""
-    if cache is not None and tokens.shape[1] <= context:
-        return model(tokens[:, fed:], cache)
-    return model(tokens[:, -context:])
+def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool) -> Step:
+    if not use_cache:
+        return Recompute(model)
+    if compile and not model.supports_static_cache:
+        log.warning("compile=true: this attention cannot use a static KV cache; decoding eagerly with the cache")
+        compile = False
+    if compile:
+        return Cached(model, model.new_cache(batch, static=True), COMPILED_DECODING.step_for(model))
+    return Cached(model, model.new_cache(batch), None)
+
+
+class Recompute:
+    """Every step encodes the whole (cropped) sequence."""
+
+    def __init__(self, model: DecoderTransformer):
+        self.model = model
+        self.context = model.config.context_length
+
+    def __call__(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        return self.model(tokens[:, max(0, n - self.context) : n])[:, -1]
+
+
+class Cached(Recompute):
+    """Feeds only the tokens the cache has not seen; ``one_token_step`` (compiled) runs the single-token steps.
+    Past the context the cache is full: recompute the cropped window."""
+
+    def __init__(self, model: DecoderTransformer, cache: KVCache, one_token_step: Callable | None):
+        super().__init__(model)
+        self.cache = cache
+        self.one_token_step = one_token_step
+        self.fed = 0  # tokens in the cache (a host counter: reading a static cache's position would sync)
+        self.step_ids: torch.Tensor | None = None  # (B, 1) input of the compiled step: same strides every call
+
+    def __call__(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        if n > self.context:
+            return super().__call__(tokens, n)
+        new = tokens[:, self.fed : n]
+        self.fed = n
+        if self.one_token_step is None or new.shape[1] != 1:
+            return self.model(new, self.cache)[:, -1]
+        if self.step_ids is None:  # a slice of `tokens` has its strides, which the compiled step would guard on
+            self.step_ids = torch.empty_like(new, memory_format=torch.contiguous_format)
+        return self.one_token_step(self.model, self.step_ids.copy_(new), self.cache)
+
+
+def next_token_logits(model: DecoderTransformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """``(B, V)`` logits after feeding ``ids`` through ``cache``: the function compiled for decoding."""
+    return model(ids, cache)[:, -1]
+
+
+# inductor settings of the compiled step: weights as constants (freezing) so the GEMMs can prepack them, and
+# max-autotune's GEMM templates (on a CPU its C++ micro-kernels: ~3-4x faster matrix-vector products than
+# the BLAS calls of eager mode at batch 1)
+INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True}
+CPU_GEMM_BACKENDS = "CPP,ATEN"
+
+
+def inductor_options(device: torch.device) -> dict:
+    options = dict(INDUCTOR_OPTIONS)
+    if device.type == "cpu":
+        options["max_autotune_gemm_backends"] = CPU_GEMM_BACKENDS
+    return options
+
+
+def weight_versions(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    """Identity and in-place version counter of every parameter and buffer: changes when the weights do."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class CompiledDecoding:
+    """The compiled one-token step, shared by every :func:`generate` call (compilations are cached per model
+    and shape by ``torch.compile``).
+
+    Frozen weights are constants of the compiled graph, so they must not change under it: :meth:`step_for`
+    records each model's weight versions and, when they moved (the model trained since), drops the compiled
+    step to recompile. The inductor settings apply while a compilation runs; they are patched in only for the
+    first call of a (model, shape) pair, since patching costs about a millisecond per call.
+    """
+
+    def __init__(self):
+        self.compiled = torch.compile(next_token_logits, fullgraph=True, dynamic=False)
+        self.versions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weight versions
+        self.warm: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> set of compiled shapes
+
+    def step_for(self, model: DecoderTransformer) -> Callable:
+        versions = weight_versions(model)
+        if self.versions.get(model, versions) != versions:
+            log.info("compiled decoding: the weights changed since compilation; recompiling")
+            self.reset()
+        self.versions[model] = versions
+        return self.call
+
+    def call(self, model: DecoderTransformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        shape = (tuple(ids.shape), ids.device, cache.keys[0].dtype, cache.max_length, torch.is_autocast_enabled())
+        warm = self.warm.setdefault(model, set())
+        if shape in warm:
+            return self.compiled(model, ids, cache)
+        warm.add(shape)
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(inductor_options(ids.device)):
+            return self.compiled(model, ids, cache)
+
+    def reset(self) -> None:
+        """Forget every compiled step (the next call of each model compiles again)."""
+        from torch._dynamo.eval_frame import reset_code
+
+        reset_code(next_token_logits.__code__)
+        self.versions.clear()
+        self.warm.clear()
+
+
+COMPILED_DECODING = CompiledDecoding()

@@ -66,6 +66,19 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+# Lightning's precision values (its legacy spellings 64, 32, 16, "bf16" included)
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16")  # fmt: skip
+
+
+def _precision(value: Any) -> bool:
+    return str(value) in PRECISIONS
+
+
 # (config key, check, what it must be): checked when the key exists and is not null
 RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("optimizer.lr", _positive, "a positive number"),
@@ -75,6 +88,9 @@ RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("scheduler.warmup_steps", _count, "an integer >= 0"),
     ("scheduler.min_lr", _non_negative, ">= 0"),
     ("trainer.gradient_clip_val", _non_negative, ">= 0 (or null: no clipping)"),
+    ("compile", _bool, "true or false"),
+    ("precision", _precision, f"one of {', '.join(PRECISIONS[:6])} (or null: trainer.precision)"),
+    ("trainer.precision", _precision, f"one of {', '.join(PRECISIONS[:6])}"),
 )
 
 
@@ -256,10 +272,19 @@ class RunResult:
     metric: float | None
 
 
-def fit_and_test(cfg: DictConfig) -> RunResult:
-    """Fit, restore the best checkpoint, test. The task ends holding the best weights."""
-    started = time.perf_counter()
-    cfg = copy.deepcopy(cfg)
+@dataclass
+class Run:
+    """What ``train(cfg)`` builds before fitting (also used by ``benchmarks/training.py``)."""
+
+    datamodule: L.LightningDataModule
+    task: L.LightningModule
+    trainer: L.Trainer
+    ckpt_path: str | None  # the checkpoint to resume from
+
+
+def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Run:
+    """Seed, then data module, task (compiled under ``compile=true``), resume checkpoint and trainer; checks the
+    configuration before anything is trained. ``cfg`` may be updated (a resumed run's checkpoint folder)."""
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     validate_config(cfg)
@@ -273,15 +298,38 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         _convert_="all",
     )
+    if cfg.get("compile"):
+        task.compile_steps(**compile_options(cfg))
     ckpt_path = resolve_resume(cfg, model_config, getattr(task, "task_name", None))
     if ckpt_path:
         continue_checkpoints_in(cfg, ckpt_path)
+    callbacks = [*instantiate_named(cfg.get("callbacks")), *extra_callbacks]
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_named(cfg.get("callbacks")), logger=instantiate_named(cfg.get("logger"))
+        cfg.trainer, callbacks=callbacks, logger=instantiate_named(cfg.get("logger")), **trainer_overrides(cfg)
     )
+    return Run(datamodule, task, trainer, ckpt_path)
+
+
+def compile_options(cfg: DictConfig) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments from ``compile_options`` (null entries: torch's defaults)."""
+    options = OmegaConf.to_container(cfg.get("compile_options") or {}, resolve=True)
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """Top-level shortcuts for Trainer arguments: ``precision=bf16-mixed`` sets ``trainer.precision``."""
+    return {} if cfg.get("precision") is None else {"precision": cfg.precision}
+
+
+def fit_and_test(cfg: DictConfig) -> RunResult:
+    """Fit, restore the best checkpoint, test. The task ends holding the best weights."""
+    started = time.perf_counter()
+    cfg = copy.deepcopy(cfg)
+    run = build_run(cfg)
+    datamodule, task, trainer = run.datamodule, run.task, run.trainer
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    _fit(trainer, task, datamodule, ckpt_path)
+    _fit(trainer, task, datamodule, run.ckpt_path)
     fit_metrics = _scalars(trainer.callback_metrics)
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint else ""
@@ -300,7 +348,7 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
         "parameters": task.model.num_parameters(),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "torch_threads": torch.get_num_threads(),
-        "resumed_from": ckpt_path,
+        "resumed_from": run.ckpt_path,
     }
     _write_results(cfg, trainer, results)
     metric = fit_metrics.get(cfg.optimized_metric)

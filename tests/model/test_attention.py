@@ -53,8 +53,8 @@ def _ids(length: int = LENGTH) -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, length))
 
 
-def _decode(model: DecoderTransformer, ids: torch.Tensor, pieces=PIECES) -> list[torch.Tensor]:
-    cache, start, outputs = model.new_cache(ids.shape[0]), 0, []
+def _decode(model: DecoderTransformer, ids: torch.Tensor, pieces=PIECES, static: bool = False) -> list[torch.Tensor]:
+    cache, start, outputs = model.new_cache(ids.shape[0], static=static), 0, []
     for size in pieces:
         outputs.append(model(ids[:, start : start + size], cache))
         start += size
@@ -82,6 +82,39 @@ def test_cached_decoding_equals_full(build, attention, positional, embedding):
     pieces = _decode(model, ids)
     assert [tuple(p.shape) for p in pieces] == [(BATCH, n, VOCAB) for n in PIECES]
     assert_close(torch.cat(pieces, dim=1), model(ids), rtol=0, atol=1e-9)
+
+
+STATIC = [case for case in ALLOWED if case[0] in ("standard", "sdpa")]
+
+
+@pytest.mark.parametrize(("attention", "positional", "embedding"), STATIC)
+def test_static_cache_decoding_equals_full(build, attention, positional, embedding):
+    """The fixed-shape cache of compiled decoding: every step attends over all 12 slots, unwritten ones masked."""
+    model = _model(build, attention, positional, embedding)
+    ids = _ids()
+    pieces = _decode(model, ids, static=True)
+    assert [tuple(p.shape) for p in pieces] == [(BATCH, n, VOCAB) for n in PIECES]
+    assert_close(torch.cat(pieces, dim=1), model(ids), rtol=0, atol=1e-9)
+
+
+def test_static_cache_single_token_step_masks_unwritten_slots(build):
+    """Garbage in the unwritten slots must not leak into a one-token step (SDPA's no-mask shortcut is off)."""
+    model = _model(build, "sdpa", "rope")
+    ids = _ids()
+    cache = model.new_cache(BATCH, static=True)
+    for keys, values in zip(cache.keys, cache.values, strict=True):
+        keys.normal_(), values.normal_()
+    model(ids[:, :5], cache)
+    assert_close(model(ids[:, 5:6], cache), model(ids[:, :6])[:, 5:], rtol=0, atol=1e-9)
+    assert cache.length == 6
+
+
+@pytest.mark.parametrize("attention", ["linformer", "longformer"])
+def test_static_cache_is_refused_where_attention_needs_the_key_count(build, attention):
+    model = _model(build, attention, "rope")
+    assert not model.supports_static_cache
+    with pytest.raises(ValueError, match="static KV cache; use attention=sdpa or standard"):
+        model.new_cache(BATCH, static=True)
 
 
 @pytest.mark.parametrize(("attention", "positional", "embedding"), ALLOWED)

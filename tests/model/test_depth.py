@@ -123,7 +123,7 @@ def test_exited_tokens_keep_their_state_and_later_layers_still_cache_them(build)
     ids = _ids()
     cache = model.new_cache(BATCH)
     model(ids, cache)
-    assert cache.keys[2, :, :, :LENGTH].abs().sum() > 0  # layer 3 wrote keys of tokens that exited at layer 1
+    assert cache.keys[2][:, :, :LENGTH].abs().sum() > 0  # layer 3 wrote keys of tokens that exited at layer 1
 
 
 def test_early_exit_trains_every_layer_and_static_only_the_output(build):

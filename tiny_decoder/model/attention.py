@@ -33,6 +33,9 @@ class CausalSelfAttention(nn.Module):
 
     # positional name -> reason it cannot be used with this attention (checked at config time)
     incompatible_positional: dict[str, str] = {}
+    # attends correctly over a static cache's padded buffers (keys at positions 0..max_length-1, the unwritten
+    # ones masked by ``inputs.causal_mask``); attentions that assume the keys are exactly 0..Tk-1 set False
+    supports_static_cache = True
 
     def __init__(self, config: ModelConfig, layer_index: int = 0):
         super().__init__()
@@ -107,6 +110,11 @@ def masked_scores(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs, vis
     return scores.masked_fill(~visible, float("-inf"))
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+    """``softmax(QK^T / sqrt(d) + bias)`` over the causally visible keys: ``(B, H, Tq, Tk)``."""
+    return torch.softmax(masked_scores(q, k, inputs, inputs.causal_mask), dim=-1)
+
+
 @ATTENTION.register("standard")
 class StandardAttention(CausalSelfAttention):
     """Explicit softmax attention; set ``record_weights`` to keep the last ``(B, H, Tq, Tk)`` weights."""
@@ -117,7 +125,7 @@ class StandardAttention(CausalSelfAttention):
         self.last_weights: torch.Tensor | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        weights = torch.softmax(masked_scores(q, k, inputs, inputs.causal_mask), dim=-1)
+        weights = attention_weights(q, k, inputs)
         if self.record_weights:
             self.last_weights = weights.detach()
         return F.dropout(weights, self.active_dropout) @ v
@@ -125,9 +133,16 @@ class StandardAttention(CausalSelfAttention):
 
 @ATTENTION.register("sdpa")
 class SDPAttention(CausalSelfAttention):
-    """``torch.nn.functional.scaled_dot_product_attention`` with the cheapest correct mask."""
+    """``torch.nn.functional.scaled_dot_product_attention`` with the cheapest correct mask.
+
+    Over a static KV cache (compiled decoding) it computes the same thing explicitly instead: the compiler
+    fuses those few ops into the decoding step's kernels, while an SDPA call stays an opaque kernel of its own
+    (for stories15M at batch 1 on a 2-core CPU: ~1,100 vs ~500 tokens/s, ``benchmarks/generation.py``).
+    """
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        if inputs.padded_keys:
+            return F.dropout(attention_weights(q, k, inputs), self.active_dropout) @ v
         if inputs.bias is None:
             if inputs.is_prefill_from_start:
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout, is_causal=True)

@@ -119,6 +119,8 @@ LONGFORMER_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
 class LongformerAttention(CausalSelfAttention):
     """Causal sliding window of ``window`` keys plus ``n_global`` global prefix keys (see module doc)."""
 
+    supports_static_cache = False  # the band is laid out from the key count (keys 0..Tk-1)
+
     def __init__(
         self,
         config: ModelConfig,
@@ -155,6 +157,8 @@ class LongformerAttention(CausalSelfAttention):
 @ATTENTION.register("linformer")
 class LinformerAttention(CausalSelfAttention):
     """Block-causal Linformer: exact attention in the current block, ``k`` summaries of the past ones."""
+
+    supports_static_cache = False  # blocks and summaries are cut from the key count (keys 0..Tk-1)
 
     incompatible_positional = {
         "alibi": "ALiBi penalises each key by its distance to the query, but linformer's compressed "

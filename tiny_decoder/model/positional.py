@@ -16,8 +16,7 @@ positions, the rotary tables and the bias.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,16 +36,19 @@ class AttentionInputs:
     k_pos: torch.Tensor  # (Tk,)
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: (Tq, head_dim // 2) each
     bias: torch.Tensor | None = None  # (H, Tq, Tk) additive score bias
+    # keys include unwritten slots of a static KV cache: attention must apply ``causal_mask`` even for one query
+    padded_keys: bool = False
+    # (Tq, Tk) bool, True where key j is visible to query i (k_pos[j] <= q_pos[i]); built once per forward for
+    # all layers (not a cached_property: its lock is a graph break under torch.compile on Python < 3.12)
+    causal_mask: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.causal_mask = self.k_pos.unsqueeze(0) <= self.q_pos.unsqueeze(1)
 
     @property
     def is_prefill_from_start(self) -> bool:
         """Queries and keys are the same positions 0..T-1 (no cache offset)."""
         return self.q_pos.shape[0] == self.k_pos.shape[0]
-
-    @cached_property
-    def causal_mask(self) -> torch.Tensor:
-        """``(Tq, Tk)`` bool, True where key j is visible to query i (``k_pos[j] <= q_pos[i]``)."""
-        return self.k_pos.unsqueeze(0) <= self.q_pos.unsqueeze(1)
 
 
 class PositionalEncoding(nn.Module):
@@ -64,8 +66,8 @@ class PositionalEncoding(nn.Module):
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def attention_inputs(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> AttentionInputs:
-        return AttentionInputs(q_pos, k_pos, self.rotary(q_pos), self.bias(q_pos, k_pos))
+    def attention_inputs(self, q_pos: torch.Tensor, k_pos: torch.Tensor, padded_keys: bool = False) -> AttentionInputs:
+        return AttentionInputs(q_pos, k_pos, self.rotary(q_pos), self.bias(q_pos, k_pos), padded_keys)
 
     @classmethod
     def check(cls, config: ModelConfig) -> None:

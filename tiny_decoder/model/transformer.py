@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tiny_decoder.model.attention import ATTENTION
-from tiny_decoder.model.cache import KVCache
+from tiny_decoder.model.cache import KVCache, StaticKVCache
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.depth import DEPTH
 from tiny_decoder.model.embedding import EMBEDDINGS
@@ -81,18 +81,38 @@ class DecoderTransformer(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache on this model's device for up to ``max_length`` (default: context) positions."""
+    def new_cache(
+        self,
+        batch_size: int,
+        max_length: int | None = None,
+        dtype: torch.dtype | None = None,
+        static: bool = False,
+    ) -> KVCache:
+        """An empty KV cache on this model's device for up to ``max_length`` (default: context) positions;
+        ``static``: a :class:`StaticKVCache` (fixed shapes, for compiled decoding)."""
+        max_length = max_length or self.config.context_length
+        if max_length > self.config.context_length:
+            raise ValueError(
+                f"a KV cache of {max_length} positions exceeds model.context_length={self.config.context_length}"
+            )
+        if static and not self.supports_static_cache:
+            names = sorted({type(block.attn).__name__ for block in self.blocks if not block.attn.supports_static_cache})
+            raise ValueError(f"{', '.join(names)} cannot decode with a static KV cache; use attention=sdpa or standard")
         weight = self.head.weight
-        return KVCache(
-            self.config.n_layers,
+        cache_type = StaticKVCache if static else KVCache
+        return cache_type(
+            [block.attn.n_heads for block in self.blocks],
             batch_size,
-            self.config.n_heads,
             self.config.head_dim,
-            max_length or self.config.context_length,
+            max_length,
             device=weight.device,
             dtype=dtype or weight.dtype,
         )
+
+    @property
+    def supports_static_cache(self) -> bool:
+        """Every layer's attention can attend over padded (partly unwritten) static cache buffers."""
+        return all(block.attn.supports_static_cache for block in self.blocks)
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states ``(..., d_model)``: the final norm (if any), then the head. Early exit reads
@@ -103,19 +123,21 @@ class DecoderTransformer(nn.Module):
         """Input of the first block ``(B, T, d_model)`` and the attention inputs of these positions."""
         if ids.dim() != 2:
             raise ValueError(f"expected token ids of shape (batch, length), got {tuple(ids.shape)}")
-        start = cache.length if cache is not None else 0
         length = ids.shape[1]
-        if start + length > self.config.context_length:
-            raise ValueError(
-                f"sequence of {start + length} positions exceeds model.context_length={self.config.context_length}"
-            )
-        q_pos = torch.arange(start, start + length, device=ids.device)
-        k_pos = torch.arange(0, start + length, device=ids.device)
+        if cache is None:
+            if length > self.config.context_length:
+                raise ValueError(
+                    f"sequence of {length} positions exceeds model.context_length={self.config.context_length}"
+                )
+            q_pos = k_pos = torch.arange(length, device=ids.device)
+        else:
+            q_pos, k_pos = cache.positions(length, ids.device)
         x = self.embedding(ids)
         additive = self.positional.embed(q_pos)
         if additive is not None:
             x = x + additive.to(x.dtype)
-        return self.dropout(x), self.positional.attention_inputs(q_pos, k_pos)
+        padded = cache is not None and cache.padded_keys
+        return self.dropout(x), self.positional.attention_inputs(q_pos, k_pos, padded_keys=padded)
 
     def hidden_states(self, ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final hidden states ``(B, T, d_model)`` before the head (after the final norm, if any)."""

@@ -9,6 +9,11 @@ The training objective is :meth:`DecoderTask.training_loss`, shared by every tas
 (logits, targets) on each exit the depth strategy trains (the output alone, or every layer with early exit,
 weighted), plus the distillation term when a teacher is attached (``distillation=kd``). Checkpoints of pruned
 models (magnitude masks, removed heads) load into a freshly built task (``on_load_checkpoint``, ``load_task``).
+
+``compile=true`` (:meth:`DecoderTask.compile_steps`) runs that objective (forward, loss; the backward through
+AOTAutograd) and the evaluation forward (:meth:`DecoderTask.logits`) as ``torch.compile`` graphs. Functions
+are compiled, not the module, so checkpoints keep their parameter names. Gradient clipping also works with
+fused optimizers (``configure_gradient_clipping``), which Lightning's mixed-precision plugin refuses.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tiny_decoder.model.registry import Registry
 from tiny_decoder.training.distillation import Distiller
 from tiny_decoder.training.finite_difference import ZerothOrderOptimizer
 from tiny_decoder.training.manual_optimization import configure_zeroth_order
+from tiny_decoder.training.optimizers import clip_gradients, unscales_in_step
 from tiny_decoder.training.pruning import conform_to_state_dict
 
 TASKS = Registry("task.name", group="task")
@@ -67,9 +73,26 @@ class DecoderTask(L.LightningModule):
         self.scheduler_factory = scheduler
         self.example_input_array = torch.zeros(2, self.model_config.context_length, dtype=torch.long)
         self.distiller: Distiller | None = None  # attached by the KnowledgeDistillation callback while fitting
+        # compiled versions of training_loss and forward (compile_steps); None: run them eagerly
+        self._compiled_objective: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+        self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of a validation / test batch: :meth:`forward`, compiled under ``compile=true``."""
+        return self(ids) if self._compiled_forward is None else self._compiled_forward(ids)
+
+    def objective(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`training_loss`, compiled under ``compile=true``."""
+        return self.training_loss(batch) if self._compiled_objective is None else self._compiled_objective(batch)
+
+    def compile_steps(self, **options: Any) -> None:
+        """``torch.compile(**options)`` the training objective and the evaluation forward (compiled lazily, at
+        their first call; the model summary and generation stay eager)."""
+        self._compiled_objective = torch.compile(self.training_loss, **options)
+        self._compiled_forward = torch.compile(self.forward, **options)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The task's loss of ``(B, T, V)`` logits against ``(B, T)`` targets."""
@@ -89,7 +112,7 @@ class DecoderTask(L.LightningModule):
     # ``_evaluate(batch, metrics)`` (update them) and ``_log_metrics(metrics, prefix)`` (log and reset them).
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.training_loss(batch)  # self.loss, plus distillation / early-exit terms when configured
+        loss = self.objective(batch)  # self.loss, plus distillation / early-exit terms when configured
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -134,6 +157,14 @@ class DecoderTask(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        if gradient_clip_val and unscales_in_step(optimizer):  # fused AdamW: Lightning's AMP plugin refuses it
+            clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tiny_decoder"] = {"task": self.task_name, "model": self.model_config.to_dict()}

@@ -167,7 +167,7 @@ class LanguageModel(DecoderTask):
         return next_token_cross_entropy(logits, target)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: LanguageModelMetrics) -> None:
-        loss = self.loss(self(batch["input"]), batch["target"])
+        loss = self.loss(self.logits(batch["input"]), batch["target"])
         metrics.update(loss, batch["target"].numel())
 
     def _log_metrics(self, metrics: LanguageModelMetrics, prefix: str) -> None:
@@ -186,13 +186,17 @@ class LanguageModel(DecoderTask):
         top_p: float | None = None,
         num_samples: int = 1,
         generator: torch.Generator | None = None,
+        compile: bool = False,
     ) -> list[str]:
-        """``num_samples`` continuations of ``prompt`` (cached decoding, stopping at ``<|endoftext|>``)."""
+        """``num_samples`` continuations of ``prompt`` (cached decoding, stopping at ``<|endoftext|>``;
+        ``compile``: the compiled decoding step of :func:`tiny_decoder.generation.generate`)."""
         ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give prompt=TEXT (this model does not start from <|endoftext|>)")
         batch = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
-        tokens = generate(self.model, batch, max_new_tokens, temperature, top_k, top_p, self.eot_id, generator)
+        tokens = generate(
+            self.model, batch, max_new_tokens, temperature, top_k, top_p, self.eot_id, generator, compile=compile
+        )
         return [self.decode_continuation(row) for row in tokens[:, len(ids) :].tolist()]
 
     def sample_texts(self) -> list[tuple[str, str]]:
@@ -205,7 +209,8 @@ class LanguageModel(DecoderTask):
         return [(p, self.continue_text(p, hp.sample_max_new_tokens, **options)[0]) for p in self.sample_prompts]
 
     def generate_cli(self, cfg: Any) -> list[str]:
-        """``generate prompt="Once upon a time" temperature=0.8 top_k=50 num_samples=3``: prompt + continuation."""
+        """``generate prompt="Once upon a time" temperature=0.8 top_k=50 num_samples=3 [compile=true]``: prompt +
+        continuation."""
         prompt = "" if cfg.get("prompt") is None else str(cfg.prompt)
         texts = self.continue_text(
             prompt,
@@ -214,6 +219,7 @@ class LanguageModel(DecoderTask):
             cfg.get("top_k"),
             cfg.get("top_p"),
             int(cfg.get("num_samples") or 1),
+            compile=bool(cfg.get("compile")),
         )
         return [prompt + text for text in texts]
 

@@ -63,7 +63,7 @@ class SequencePredictor(DecoderTask):
         return distance_weighted_cross_entropy(logits, target, hp.alpha, hp.weighting, hp.prediction)
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: SequenceMetrics) -> None:
-        logits = self(batch["input"])
+        logits = self.logits(batch["input"])
         metrics.update(logits, batch, self.loss(logits, batch["target"]))
 
     def _log_metrics(self, metrics: SequenceMetrics, prefix: str) -> None:
@@ -73,10 +73,10 @@ class SequencePredictor(DecoderTask):
         metrics.reset()
 
     @torch.no_grad()
-    def continue_sequence(self, numbers: list[int], steps: int) -> list[int]:
-        """Greedy cached continuation of ``numbers`` by ``steps`` more numbers."""
+    def continue_sequence(self, numbers: list[int], steps: int, compile: bool = False) -> list[int]:
+        """Greedy cached continuation of ``numbers`` by ``steps`` more numbers (``compile``: compiled decoding)."""
         prompt = torch.tensor([numbers], dtype=torch.long, device=self.device)
-        return generate(self.model, prompt, steps)[0, len(numbers) :].tolist()
+        return generate(self.model, prompt, steps, compile=compile)[0, len(numbers) :].tolist()
 
     def generate_cli(self, cfg: Any) -> list[str]:
         """``generate sequence="1 2 4 7 11" steps=5``: the sequence followed by its continuation."""
@@ -85,7 +85,7 @@ class SequencePredictor(DecoderTask):
                 'the sequence task needs sequence="<numbers separated by spaces>", e.g. sequence="1 2 4 7"'
             )
         numbers = parse_numbers(str(cfg.sequence), self.model_config.vocab_size - 1)
-        continuation = self.continue_sequence(numbers, int(cfg.steps))
+        continuation = self.continue_sequence(numbers, int(cfg.steps), compile=bool(cfg.get("compile")))
         return [" ".join(map(str, numbers)) + " -> " + " ".join(map(str, continuation))]
 
     @torch.no_grad()

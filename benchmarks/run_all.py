@@ -1,0 +1,177 @@
+"""Every performance figure of the platform in one run, checked against its target.
+
+    python benchmarks/run_all.py                 # ~30 min on a 2-core CPU
+    python benchmarks/run_all.py --out benchmarks/results/latest.json --markdown
+
+Runs, one after the other, each in its own process (so one's threads, memory and compile caches do not touch
+the next):
+
+1. ``training.py`` at the stories15M and stories260K shapes (sdpa, fp32, eager): Lightning vs the hand-written
+   loop, twice each, side by side; data loading share; FLOPs and MFU;
+2. ``training.py`` at the stories15M shape over attention x precision x compile;
+3. ``generation.py``: recompute vs eager KV cache vs compiled KV cache at 64 / 256 / 512 new tokens, batch 1.
+
+Then prints the targets (issue 8) with the measured figure and whether it holds, and writes every JSON line plus
+the targets to ``--out``. ``--markdown`` also prints the tables as Markdown (for ``benchmarks/RESULTS.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+OVERHEAD = ["training.py", "--experiment", "stories15m", "stories260k", "--repeats", "2"]
+GRID = ["training.py", "--experiment", "stories15m", "--attention", "sdpa", "standard", "linformer", "longformer",
+        "--precision", "32-true", "bf16-mixed", "--compile", "false", "true"]  # fmt: skip
+GENERATION = ["generation.py"]
+SMOKE = {  # every script and code path once, on a tiny model: checks the wiring, measures nothing
+    "overhead": ["training.py", "--experiment", "stories15m", "stories260k", "--smoke", "--steps", "2",
+                 "--warmup", "1"],
+    "grid": ["training.py", "--experiment", "stories15m", "--smoke", "--steps", "2", "--warmup", "1",
+             "--precision", "32-true", "bf16-mixed"],
+    "generation": ["generation.py", "--smoke", "--new", "8", "256", "--repeats", "1"],
+}  # fmt: skip
+
+
+def run_script(command: list[str]) -> list[dict[str, Any]]:
+    """Run one benchmark script, echo its output, return its JSON lines."""
+    print(f"$ python benchmarks/{' '.join(command)}", flush=True)
+    process = subprocess.Popen([sys.executable, str(HERE / command[0]), *command[1:]], stdout=subprocess.PIPE,
+                               text=True, cwd=HERE.parent)  # fmt: skip
+    rows = []
+    for line in process.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+    if process.wait():
+        raise SystemExit(f"benchmarks/{command[0]} failed with exit code {process.returncode}")
+    return rows
+
+
+@dataclass
+class Target:
+    """A figure the platform must reach: ``value(rows)`` of the run's JSON lines compared to ``threshold``."""
+
+    name: str
+    value: Callable[[dict[str, list[dict]]], float | None]
+    threshold: float
+    above: bool = True  # the figure must be >= threshold (else <=)
+
+    def check(self, results: dict[str, list[dict]]) -> dict[str, Any]:
+        value = self.value(results)
+        met = None if value is None else (value >= self.threshold if self.above else value <= self.threshold)
+        return {"target": self.name, "value": value, "threshold": self.threshold,
+                "relation": ">=" if self.above else "<=", "met": met}  # fmt: skip
+
+
+def rows_of(results: dict[str, list[dict]], part: str, benchmark: str, **match: Any) -> list[dict]:
+    return [
+        r for r in results.get(part, []) if r["benchmark"] == benchmark and all(r.get(k) == v for k, v in match.items())
+    ]
+
+
+def first(rows: list[dict], key: str) -> float | None:
+    return rows[0][key] if rows else None
+
+
+BASE = {"attention": "sdpa", "precision": "32-true", "compile": False}
+
+
+def speedup_over_fp32_eager(results: dict[str, list[dict]]) -> float | None:
+    """Best training tokens/s of bf16-mixed and/or compile over fp32 eager (stories15M, sdpa, Lightning path)."""
+    grid = rows_of(results, "grid", "training", attention="sdpa")
+    base = [r for r in grid if r["precision"] == "32-true" and not r["compile"]]
+    others = [r for r in grid if r not in base]
+    if not base or not others:
+        return None
+    return round(max(r["lightning_tokens_per_s"] for r in others) / base[0]["lightning_tokens_per_s"], 2)
+
+
+TARGETS = [
+    Target("Lightning / hand-written loop tokens/s, stories15M shape",
+           lambda r: first(rows_of(r, "overhead", "training", experiment="stories15m", **BASE), "lightning_over_loop"),
+           0.9),
+    Target("Lightning / hand-written loop tokens/s, stories260K shape",
+           lambda r: first(rows_of(r, "overhead", "training", experiment="stories260k", **BASE), "lightning_over_loop"),
+           0.9),
+    Target("bf16-mixed and/or compile over fp32 eager, stories15M training", speedup_over_fp32_eager, 1.5),
+    Target("KV cache (eager) over recomputation, 256 new tokens",
+           lambda r: first(rows_of(r, "generation", "generation", new_tokens=256), "cache_speedup"), 5.0),
+    Target("KV cache (compiled) over recomputation, 256 new tokens",
+           lambda r: first(rows_of(r, "generation", "generation", new_tokens=256), "compiled_speedup"), 5.0),
+    Target("batch-1 tokens/s with the compiled KV cache, 256 new tokens",
+           lambda r: first(rows_of(r, "generation", "generation", new_tokens=256), "compiled_tokens_per_s"), 400.0),
+    Target("MFU, fp32, stories15M (of measured fp32 matmul FLOP/s)",
+           lambda r: first(rows_of(r, "overhead", "training", experiment="stories15m", **BASE), "mfu"), 0.6),
+    Target("data loading / step time, stories15M",
+           lambda r: first(rows_of(r, "overhead", "training", experiment="stories15m", **BASE), "data_share"),
+           0.05, above=False),
+]  # fmt: skip
+
+
+def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---:|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}"
+    return str(value)
+
+
+TRAINING_COLUMNS = [
+    ("experiment", "shape"), ("attention", "attention"), ("precision", "precision"), ("compile", "compile"),
+    ("lightning_tokens_per_s", "Lightning tok/s"), ("loop_tokens_per_s", "loop tok/s"),
+    ("lightning_over_loop", "Lightning/loop"), ("achieved_gflops", "GFLOP/s"), ("mfu", "MFU"),
+    ("mfu_vs_fp32_peak", "of fp32 peak"), ("data_share", "data/step"),
+]  # fmt: skip
+GENERATION_COLUMNS = [
+    ("new_tokens", "new tokens"), ("recompute_tokens_per_s", "recompute tok/s"),
+    ("cached_tokens_per_s", "eager cache tok/s"), ("compiled_tokens_per_s", "compiled cache tok/s"),
+    ("cache_speedup", "eager cache / recompute"), ("compiled_speedup", "compiled / recompute"),
+    ("compile_s", "compile s"),
+]  # fmt: skip
+TARGET_COLUMNS = [("target", "target"), ("relation", ""), ("threshold", "threshold"), ("value", "measured"),
+                  ("met", "met")]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="write all JSON lines and the targets here (JSON)")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables as Markdown")
+    parser.add_argument("--smoke", action="store_true", help="tiny models: checks every script, measures nothing")
+    args = parser.parse_args(argv)
+    parts = SMOKE if args.smoke else {"overhead": OVERHEAD, "grid": GRID, "generation": GENERATION}
+    results = {part: run_script(command) for part, command in parts.items()}
+    targets = [target.check(results) for target in TARGETS]
+    print("\nTargets (issue 8)")
+    for row in targets:
+        verdict = {True: "met", False: "NOT MET", None: "not measured"}[row["met"]]
+        print(f"  {row['target']}: {row['value']} ({row['relation']} {row['threshold']}): {verdict}")
+    machines = rows_of(results, "overhead", "machine")
+    report = {"machine": machines[0] if machines else None, "results": results, "targets": targets}
+    if args.markdown:
+        training = [r for part in ("overhead", "grid") for r in rows_of(results, part, "training")]
+        print("\n" + markdown(training, TRAINING_COLUMNS))
+        print("\n" + markdown(rows_of(results, "generation", "generation"), GENERATION_COLUMNS))
+        print("\n" + markdown(targets, TARGET_COLUMNS))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

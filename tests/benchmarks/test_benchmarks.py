@@ -1,0 +1,62 @@
+"""Smoke test of the benchmark suite: ``run_all.py --smoke`` runs every script and code path on a tiny model
+(figures meaningless) and reports internally consistent rows and every target."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    if not (REPO_ROOT.parent / "shared" / "data" / "tinystories").is_dir():
+        pytest.skip("the benchmarks read ../shared/data/tinystories")
+    tmp = tmp_path_factory.mktemp("benchmarks")
+    out = tmp / "report.json"
+    env = {**os.environ, "TINY_DECODER_CACHE": str(tmp / "cache"), "WANDB_MODE": "disabled", "TMPDIR": str(tmp)}
+    result = subprocess.run([sys.executable, "benchmarks/run_all.py", "--smoke", "--markdown", "--out", str(out)],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    report["stdout"] = result.stdout
+    return report
+
+
+def test_training_rows_are_consistent(report):
+    rows = [r for part in ("overhead", "grid") for r in report["results"][part] if r["benchmark"] == "training"]
+    assert {r["precision"] for r in rows} == {"32-true", "bf16-mixed"}
+    for row in rows:
+        assert row["lightning_tokens_per_s"] > 0 and row["loop_tokens_per_s"] > 0
+        assert row["lightning_over_loop"] == round(row["lightning_tokens_per_s"] / row["loop_tokens_per_s"], 3)
+        assert row["data_share"] == pytest.approx(row["data_s_per_batch"] / row["step_s"], rel=0.05, abs=1e-4)
+        tokens = row["batch_size"] * row["context"]
+        achieved = row["flops_per_step"] * row["lightning_tokens_per_s"] / tokens / 1e9
+        assert row["achieved_gflops"] == pytest.approx(achieved, abs=0.06)
+        assert row["mfu"] > 0 and row["flops_per_step"] > 6 * row["parameters"] * tokens  # fwd+bwd, plus attention
+    runs = [r for r in report["results"]["overhead"] if r["benchmark"] == "training_run"]
+    assert sorted(r["path"] for r in runs) == ["lightning", "lightning", "loop", "loop"]  # stories15m, stories260k
+    assert all(r["steps"] == 2 for r in runs)
+
+
+def test_generation_rows_are_consistent(report):
+    rows = [r for r in report["results"]["generation"] if r["benchmark"] == "generation"]
+    assert [r["new_tokens"] for r in rows] == [8, 256]  # 256 > the smoke model's 32-token context: cropped window
+    for row in rows:
+        assert min(row["recompute_tokens_per_s"], row["cached_tokens_per_s"], row["compiled_tokens_per_s"]) > 0
+        assert row["cache_speedup"] == round(row["cached_tokens_per_s"] / row["recompute_tokens_per_s"], 2)
+        assert row["compiled_speedup"] == round(row["compiled_tokens_per_s"] / row["recompute_tokens_per_s"], 2)
+        assert row["compile_s"] > 0
+
+
+def test_every_target_is_measured_and_printed(report):
+    targets = report["targets"]
+    assert len(targets) == 8 and all(t["value"] is not None and t["met"] in (True, False) for t in targets)
+    assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
+    stdout = report["stdout"]
+    assert "Targets (issue 8)" in stdout and "| Lightning/loop |" in stdout.replace("  ", " ")
