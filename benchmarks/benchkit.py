@@ -96,20 +96,18 @@ def recipe_model_config(experiment: str, overrides: Iterable[str] = ()) -> Model
     return ModelConfig.from_dict(model)
 
 
-def matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
-    """Measured FLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` on this machine (best of ~1 s)."""
+def matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> tuple[float, float]:
+    """Measured FLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` on this machine over ``seconds`` of
+    back-to-back products: the median (a sustained rate, like the training figures it is compared with) and
+    the best single product."""
     a = torch.randn(size, size, device=device()).to(dtype)
     b = torch.randn(size, size, device=device()).to(dtype)
     for _ in range(3):
         a @ b
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        synchronize()
-        start = time.perf_counter()
-        a @ b
-        synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    times, deadline = [], time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 5:
+        times += timed(lambda: a @ b, 1)
+    return 2 * size**3 / median(times), 2 * size**3 / min(times)
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:

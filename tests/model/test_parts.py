@@ -7,8 +7,10 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
+from tiny_decoder.model import ConfigError
 from tiny_decoder.model.feedforward import ACTIVATIONS, swiglu_hidden_size
 from tiny_decoder.model.norm import PLACEMENTS, build_norm
+from tiny_decoder.model.positional import AttentionInputs
 
 
 def _norm(kind: str, d_model: int = 16) -> nn.Module:
@@ -110,3 +112,19 @@ def test_swiglu_hidden_size_and_parameter_count():
     assert count("gelu", False) == 1536 and count("swiglu", False) == 1536
     assert count("gelu", True) == 1600 and count("swiglu", True) == 1616
     assert abs(count("swiglu", True) / count("gelu", True) - 1) < 0.02
+
+
+@pytest.mark.parametrize(("dropout", "attention_dropout", "attention_random"), [(0.5, 0.0, False), (0.0, 0.5, True),
+                                                                               (0.5, None, True)])  # fmt: skip
+def test_attention_dropout_is_its_own_knob(build, dropout, attention_dropout, attention_random):
+    """``model.attention_dropout`` drops attention weights (null: ``model.dropout``), apart from residual dropout."""
+    attention = build(dropout=dropout, attention_dropout=attention_dropout, attention={"name": "sdpa"}).blocks[0].attn
+    attention.train()
+    x = torch.randn(2, 12, 8, dtype=torch.float64)
+    inputs = AttentionInputs(torch.arange(12), torch.arange(12))
+    assert torch.equal(attention(x, inputs), attention(x, inputs)) is not attention_random
+
+
+def test_attention_dropout_is_validated(make_config):
+    with pytest.raises(ConfigError, match=r"model.attention_dropout must be in \[0, 1\) or null, got 1.5"):
+        make_config(attention_dropout=1.5).validate()

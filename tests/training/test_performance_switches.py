@@ -106,3 +106,13 @@ def test_fp16_clipping_of_a_fused_optimizer_unscales_once_then_steps_like_the_lo
     partial(torch.optim.AdamW, lr=0.1, fused=False)(loop_params).step()
     for got, expected in zip(fused_params, loop_params, strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_exact_resume_seeds_the_cpu_generator_like_torch_manual_seed():
+    """ExactResume seeds only the generators a step draws from (torch.manual_seed probes every backend)."""
+    from tiny_decoder.training.callbacks import seed_generators
+
+    seed_generators(1234, torch.device("cpu"))
+    ours = torch.rand(5), torch.randn(3)
+    torch.manual_seed(1234)
+    assert all(torch.equal(a, b) for a, b in zip(ours, (torch.rand(5), torch.randn(3)), strict=True))

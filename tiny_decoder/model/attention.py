@@ -42,7 +42,7 @@ class CausalSelfAttention(nn.Module):
         self.layer_index = layer_index
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
-        self.dropout_p = config.dropout
+        self.dropout_p = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.is_residual_projection = True

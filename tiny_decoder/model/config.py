@@ -32,6 +32,7 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 256
     dropout: float = 0.0
+    attention_dropout: float | None = None  # on the attention weights; None: ``dropout`` (GPT-2's attn_pdrop)
     bias: bool = True
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -71,6 +72,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ConfigError(f"model.attention_dropout must be in [0, 1) or null, got {self.attention_dropout}")
         if not (self.init_std > 0 and math.isfinite(self.init_std)):
             raise ConfigError(f"model.init_std must be a positive number, got {self.init_std}")
         _validate_parts(self)

@@ -375,4 +375,13 @@ class ExactResume(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        torch.manual_seed(mixed_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx))
+        seed_generators(mixed_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx), pl_module.device)
+
+
+def seed_generators(seed: int, device: torch.device) -> None:
+    """Seed the CPU generator and, on an accelerator, that device's: what a training step draws from.
+    (``torch.manual_seed`` also probes and seeds every other backend, ~1.3 ms a call: most of a tiny model's
+    step, benchmarks/training.py.)"""
+    torch.default_generator.manual_seed(seed)
+    if device.type != "cpu":
+        torch.manual_seed(seed)
