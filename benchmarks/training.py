@@ -164,7 +164,8 @@ def matmul_rates() -> dict[str, float]:
 
 def measure_setting(args, experiment: str, attention: str, precision: str, compile: bool) -> dict:
     cfg = recipe_config(experiment, run_overrides(args, attention, precision, compile, args.data))
-    setting = {"experiment": experiment, "attention": attention, "precision": precision, "compile": compile}
+    setting = {"experiment": experiment, "attention": attention, "precision": precision, "compile": compile,
+               "overrides": " ".join(args.override)}  # fmt: skip
     tokens_per_step = args.batch_size * int(cfg.data.context_length)
     rates: dict[str, list[float]] = {path: [] for path in PATHS}
     loop_steps: list[float] = []

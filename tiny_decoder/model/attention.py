@@ -110,7 +110,7 @@ def masked_scores(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs, vis
     return scores.masked_fill(~visible, float("-inf"))
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
     """``softmax(QK^T / sqrt(d) + bias)`` over the causally visible keys: ``(B, H, Tq, Tk)``."""
     return torch.softmax(masked_scores(q, k, inputs, inputs.causal_mask), dim=-1)
 
@@ -125,7 +125,7 @@ class StandardAttention(CausalSelfAttention):
         self.last_weights: torch.Tensor | None = None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-        weights = attention_weights(q, k, inputs)
+        weights = attention_probabilities(q, k, inputs)
         if self.record_weights:
             self.last_weights = weights.detach()
         return F.dropout(weights, self.active_dropout) @ v
@@ -142,7 +142,7 @@ class SDPAttention(CausalSelfAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         if inputs.padded_keys:
-            return F.dropout(attention_weights(q, k, inputs), self.active_dropout) @ v
+            return F.dropout(attention_probabilities(q, k, inputs), self.active_dropout) @ v
         if inputs.bias is None:
             if inputs.is_prefill_from_start:
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=self.active_dropout, is_causal=True)
