@@ -213,9 +213,12 @@ def test_command_signature_ignores_resume_paths_loggers_and_budget():
         "trainer.max_epochs=9",
         "paths.resume_dir=x",
         "logger=many",
+        "compile=true",
+        "compile_options.mode=max-autotune",
     ]
     assert command_signature(first) == command_signature(again)
     assert command_signature(first) != command_signature([*first, "model.d_model=8"])
+    assert command_signature(first) != command_signature([*first, "precision=bf16-mixed"])  # other numerics
 
 
 def _fake_run(root: Path, name: str, overrides: list[str], mtime: float) -> Path:

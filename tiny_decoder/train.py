@@ -144,12 +144,13 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
 # Resume
 # --------------------------------------------------------------------------------------------------------
 
-# overrides that may change between a run and its resumption (a longer budget, other loggers)
+# overrides that may change between a run and its resumption (a longer budget, other loggers, speed switches)
 IGNORED_FOR_RESUME = (
     "resume",
     "paths.",
     "logger",
     "torch_threads",
+    "compile",  # compile and compile_options: the same computation, faster
     "trainer.max_epochs",
     "trainer.max_steps",
     "trainer.max_time",

@@ -25,6 +25,7 @@ def report(tmp_path_factory) -> dict:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     report["stdout"] = result.stdout
+    report["out"] = out
     return report
 
 
@@ -60,3 +61,12 @@ def test_every_target_is_measured_and_printed(report):
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
     stdout = report["stdout"]
     assert "Targets (issue 8)" in stdout and "| Lightning/loop |" in stdout.replace("  ", " ")
+
+
+def test_plots_are_drawn_from_the_report(report):
+    result = subprocess.run([sys.executable, "benchmarks/plot_results.py", str(report["out"])], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("training.png", "generation.png"):
+        png = report["out"].with_name(name)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

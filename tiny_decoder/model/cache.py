@@ -80,18 +80,6 @@ class StaticKVCache(KVCache):
 
     padded_keys = True  # keys past the newest query are unwritten slots: attention must apply the causal mask
 
-    def __init__(
-        self,
-        heads_per_layer: Sequence[int],
-        batch_size: int,
-        head_dim: int,
-        max_length: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ):
-        self.position = torch.zeros((), dtype=torch.long, device=device)
-        super().__init__(heads_per_layer, batch_size, head_dim, max_length, device, dtype)
-
     @property
     def length(self) -> int:
         return int(self.position)
@@ -109,4 +97,4 @@ class StaticKVCache(KVCache):
         self.position.add_(n_tokens)
 
     def reset(self) -> None:
-        self.position.zero_()
+        self.position = torch.zeros((), dtype=torch.long, device=self.keys[0].device)
