@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
+pytestmark = pytest.mark.slow  # a few minutes of subprocesses: run by CI with -m slow
+
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:

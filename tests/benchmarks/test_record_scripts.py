@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow  # a few minutes of subprocesses: run by CI with -m slow
 
 
 def run_script(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
