@@ -135,12 +135,15 @@ def emit(row: dict[str, Any]) -> dict[str, Any]:
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """A plain-text table of ``rows`` with ``(key, header)`` columns (missing values blank)."""
     cells = [[header for _, header in columns]]
-    cells += [["" if row.get(key) is None else _fmt(row[key]) for key, _ in columns] for row in rows]
+    cells += [[cell(row.get(key)) for key, _ in columns] for row in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in cells)
 
 
-def _fmt(value: Any) -> str:
+def cell(value: Any) -> str:
+    """A figure as printed in tables: 3 significant digits below 10, thousands separators above."""
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}"
     return str(value)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchkit import cell
+
 HERE = Path(__file__).resolve().parent
 
 OVERHEAD = ["training.py", "--experiment", "stories15m", "stories260k", "--repeats", "3", "--steps", "10"]
@@ -122,16 +124,8 @@ TARGETS = [
 
 def markdown(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---:|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in columns) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 10 else f"{value:,.0f}"
-    return str(value)
 
 
 TRAINING_COLUMNS = [
