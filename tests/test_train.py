@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, tiny_sequence_overrides
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.tasks import load_task
 from tiny_decoder.train import fit_and_test
 

@@ -29,16 +29,9 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from rich.console import Console
 
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.errors import ConfigError, RunFailure
 
 T = TypeVar("T")
-
-
-class RunFailure(RuntimeError):
-    """A run ended early for a reason its message explains (diverged, interrupted): one line, ``exit_code``."""
-
-    exit_code = 1
-
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,

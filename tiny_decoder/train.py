@@ -39,8 +39,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tiny_decoder.cli import ERROR_FILE, one_line, run_cli, run_hydra, user_error
+from tiny_decoder.core.checks import check, is_betas, is_bool, is_count, is_non_negative, is_positive
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model.config import ModelConfig
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.model.validation import validate_model_config
 from tiny_decoder.training.callbacks import interrupted_error
 
 log = logging.getLogger(__name__)
@@ -50,59 +52,37 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------
 
 
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def _non_negative(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
-
-
-def _betas(value: Any) -> bool:
-    return isinstance(value, Iterable) and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in value)
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _bool(value: Any) -> bool:
-    return isinstance(value, bool)
-
-
 # Lightning's precision values (its legacy spellings 64, 32, 16, "bf16" included)
 PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
               "transformer-engine-float16", "64", "32", "16", "bf16")  # fmt: skip
 
 
-def _precision(value: Any) -> bool:
+def is_precision(value: Any) -> bool:
     return str(value) in PRECISIONS
 
 
 # (config key, check, what it must be): checked when the key exists and is not null
 RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("optimizer.lr", _positive, "a positive number"),
-    ("optimizer.weight_decay", _non_negative, ">= 0"),
-    ("optimizer.eps", _positive, "a positive number"),
-    ("optimizer.betas", _betas, "two numbers in [0, 1)"),
-    ("scheduler.warmup_steps", _count, "an integer >= 0"),
-    ("scheduler.min_lr", _non_negative, ">= 0"),
-    ("trainer.gradient_clip_val", _non_negative, ">= 0 (or null: no clipping)"),
-    ("compile", _bool, "true or false"),
-    ("precision", _precision, f"one of {', '.join(PRECISIONS[:6])} (or null: trainer.precision)"),
-    ("trainer.precision", _precision, f"one of {', '.join(PRECISIONS[:6])}"),
+    ("optimizer.lr", is_positive, "a positive number"),
+    ("optimizer.weight_decay", is_non_negative, ">= 0"),
+    ("optimizer.eps", is_positive, "a positive number"),
+    ("optimizer.betas", is_betas, "two numbers in [0, 1)"),
+    ("scheduler.warmup_steps", is_count, "an integer >= 0"),
+    ("scheduler.min_lr", is_non_negative, ">= 0"),
+    ("trainer.gradient_clip_val", is_non_negative, ">= 0 (or null: no clipping)"),
+    ("compile", is_bool, "true or false"),
+    ("precision", is_precision, f"one of {', '.join(PRECISIONS[:6])} (or null: trainer.precision)"),
+    ("trainer.precision", is_precision, f"one of {', '.join(PRECISIONS[:6])}"),
 )
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first out-of-range training option (the model checks its own)."""
-    for key, check, wanted in RANGE_CHECKS:
+    for key, predicate, wanted in RANGE_CHECKS:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (DictConfig, Mapping)) or value is None:
             continue
-        plain = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-        if not check(plain):
-            raise ConfigError(f"{key} must be {wanted}, got {plain}")
+        check(key, OmegaConf.to_object(value) if OmegaConf.is_config(value) else value, predicate, wanted)
 
 
 def build_model_config(cfg: DictConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
@@ -112,7 +92,7 @@ def build_model_config(cfg: DictConfig, datamodule: L.LightningDataModule) -> di
     for field in ("vocab_size", "context_length"):
         if model.get(field) is None:
             model[field] = int(getattr(datamodule, field))
-    config = ModelConfig.from_dict(model)
+    config = validate_model_config(ModelConfig.from_dict(model))
     check_fits_data(config, datamodule)
     return config.to_dict()
 

@@ -11,7 +11,8 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tiny_decoder.model import ConfigError, DecoderTransformer, efficient_attention
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.model import DecoderTransformer, efficient_attention
 from tiny_decoder.model.attention import ATTENTION
 from tiny_decoder.model.efficient_attention import (
     LinformerAttention,
@@ -19,6 +20,7 @@ from tiny_decoder.model.efficient_attention import (
     masked_window_attention,
 )
 from tiny_decoder.model.positional import AttentionInputs, alibi_slopes
+from tiny_decoder.model.validation import validate_model_config
 
 VOCAB, LENGTH, BATCH = 11, 12, 2
 ATTENTIONS = {
@@ -131,7 +133,7 @@ def test_shapes(build, attention, positional, embedding):
 def test_refused_pair_names_both_and_why(make_config, attention, positional):
     reason = ATTENTION.get(attention).incompatible_positional[positional]
     config = make_config(attention=ATTENTIONS[attention], positional={"name": positional})
-    for make in (config.validate, lambda: DecoderTransformer(config)):
+    for make in (lambda: validate_model_config(config), lambda: DecoderTransformer(config)):
         with pytest.raises(ConfigError) as error:
             make()
         message = str(error.value)
@@ -338,7 +340,7 @@ def test_parameter_counts(build):
 )
 def test_efficient_attention_option_errors(make_config, attention, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")) as error:
-        make_config(attention=attention).validate()
+        validate_model_config(make_config(attention=attention))
     if "implementation" in attention:
         assert "banded, masked" in str(error.value)
     options = {key: value for key, value in attention.items() if key != "name"}
@@ -348,12 +350,12 @@ def test_efficient_attention_option_errors(make_config, attention, message):
 
 def test_unknown_efficient_attention_option_lists_the_valid_ones(make_config):
     with pytest.raises(ConfigError) as error:
-        make_config(attention={"name": "linformer", "window": 4}).validate()
+        validate_model_config(make_config(attention={"name": "linformer", "window": 4}))
     assert str(error.value) == (
         "model.attention.window is not an option of model.attention.name='linformer'; its options are: k, block_size"
     )
     with pytest.raises(ConfigError, match="its options are: window, n_global, implementation"):
-        make_config(attention={"name": "longformer", "k": 4}).validate()
+        validate_model_config(make_config(attention={"name": "longformer", "k": 4}))
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.generation import generate
-from tiny_decoder.model import ConfigError, DecoderTransformer
+from tiny_decoder.model import DecoderTransformer
 from tiny_decoder.model.depth import EXIT_WEIGHTS, EarlyExit, LayerDrop
 
 VOCAB, LENGTH, BATCH = 11, 12, 3

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from tiny_decoder.model import ConfigError
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model.feedforward import ACTIVATIONS, swiglu_hidden_size
 from tiny_decoder.model.norm import PLACEMENTS, build_norm
 from tiny_decoder.model.positional import AttentionInputs

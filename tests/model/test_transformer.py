@@ -6,12 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_decoder.model import ConfigError, DecoderTransformer, ModelConfig
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.model import DecoderTransformer, ModelConfig
+from tiny_decoder.model.validation import validate_model_config
 
 
 def _error(config: ModelConfig) -> str:
     with pytest.raises(ConfigError) as error:
-        config.validate()
+        validate_model_config(config)
     return str(error.value)
 
 
@@ -48,7 +50,7 @@ def test_dropout_out_of_range(make_config, dropout):
 def test_rope_needs_an_even_head_dim(make_config):
     message = _error(make_config(d_model=6, n_heads=2, positional={"name": "rope"}))
     assert "positional=rope" in message and "even head size" in message and "= 3" in message
-    make_config(d_model=6, n_heads=3, positional={"name": "rope"}).validate()  # head_dim 2 is fine
+    validate_model_config(make_config(d_model=6, n_heads=3, positional={"name": "rope"}))  # head_dim 2 is fine
 
 
 def test_other_config_errors(make_config):

@@ -8,7 +8,8 @@ import torch
 from omegaconf import open_dict
 
 from tests.conftest import tiny_sequence_overrides
-from tiny_decoder.model import ConfigError, ModelConfig
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.model import ModelConfig
 from tiny_decoder.tasks.language_model import LanguageModel
 from tiny_decoder.tasks.sequence_predictor import SequencePredictor
 from tiny_decoder.train import fit_and_test

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import tiny_sequence_overrides
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.data.sequences import generate_sequences
 from tiny_decoder.model import DecoderTransformer, ModelConfig
-from tiny_decoder.model.registry import ConfigError
 from tiny_decoder.train import fit_and_test
 from tiny_decoder.training.finite_difference import HybridSchedule, ZerothOrderOptimizer, relative_epsilon
 from tiny_decoder.training.losses import distance_weighted_cross_entropy

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.training.losses import distance_weighted_cross_entropy, next_token_cross_entropy
 
 

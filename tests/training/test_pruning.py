@@ -14,7 +14,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from tests.conftest import tiny_sequence_overrides
-from tiny_decoder.model import ConfigError, DecoderTransformer, ModelConfig
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.tasks import load_task
 from tiny_decoder.tasks.base import parameter_groups
 from tiny_decoder.tasks.sequence_predictor import SequencePredictor

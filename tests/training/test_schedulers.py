@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.training.schedulers import constant, warmup_cosine
 
 

@@ -6,7 +6,6 @@ Importing this package imports every part module, so each part's registry is com
 from tiny_decoder.model import attention, depth, efficient_attention, embedding, feedforward, norm, positional  # noqa: F401
 from tiny_decoder.model.cache import KVCache
 from tiny_decoder.model.config import ModelConfig
-from tiny_decoder.model.registry import ConfigError
 from tiny_decoder.model.transformer import DecoderTransformer
 
-__all__ = ["ConfigError", "DecoderTransformer", "KVCache", "ModelConfig"]
+__all__ = ["DecoderTransformer", "KVCache", "ModelConfig"]

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.cache import KVCache
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.positional import AttentionInputs, apply_rotary
-from tiny_decoder.model.registry import Registry
 
 ATTENTION = Registry("model.attention.name", group="attention", supplied=("config", "layer_index"))
 

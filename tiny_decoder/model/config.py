@@ -3,18 +3,19 @@
 Swappable parts (activation, norm, attention, positional encoding, depth) are small dicts whose
 ``name`` (or, for the norm, ``placement`` and ``kind``) selects an entry of that part's registry and
 whose other keys are that entry's options. The config round-trips through plain dicts, which is what
-checkpoints store, so a checkpoint rebuilds the exact model.
+checkpoints store, so a checkpoint rebuilds the exact model. This module knows no part: the part modules import
+it, and ``model/validation.py`` (above both) checks the parts' names and options.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.checks import check, is_positive, is_positive_int, is_probability
+from tiny_decoder.core.errors import ConfigError
 
 
 def _default(value: dict[str, Any]):
@@ -63,76 +64,21 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> ModelConfig:
-        """Raise :class:`ConfigError` naming the first invalid field and how to fix it."""
-        _check_positive_ints(self, "vocab_size", "context_length", "d_model", "n_layers", "n_heads", "d_ff")
+        """Raise :class:`ConfigError` naming the first invalid scalar field and how to fix it (the parts are
+        checked by :func:`tiny_decoder.model.validation.validate_model_config`, which knows their registries)."""
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "d_ff"):
+            check(f"model.{name}", getattr(self, name), is_positive_int, "a positive integer")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}); "
                 f"try n_heads in {_divisors(self.d_model)}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
-            raise ConfigError(f"model.attention_dropout must be in [0, 1) or null, got {self.attention_dropout}")
-        if not (self.init_std > 0 and math.isfinite(self.init_std)):
-            raise ConfigError(f"model.init_std must be a positive number, got {self.init_std}")
-        _validate_parts(self)
+        check("model.dropout", self.dropout, is_probability, "in [0, 1)")
+        if self.attention_dropout is not None:
+            check("model.attention_dropout", self.attention_dropout, is_probability, "in [0, 1) or null")
+        check("model.init_std", self.init_std, is_positive, "a positive number")
         return self
-
-
-def _check_positive_ints(config: ModelConfig, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _validate_parts(config: ModelConfig) -> None:
-    # Imported here: the part modules import this one for type hints.
-    from tiny_decoder.model.attention import ATTENTION
-    from tiny_decoder.model.depth import DEPTH
-    from tiny_decoder.model.embedding import EMBEDDINGS
-    from tiny_decoder.model.feedforward import ACTIVATIONS
-    from tiny_decoder.model.norm import NORMS, PLACEMENTS
-    from tiny_decoder.model.positional import POSITIONAL
-
-    for part, registry in (
-        ("embedding", EMBEDDINGS),
-        ("activation", ACTIVATIONS),
-        ("attention", ATTENTION),
-        ("positional", POSITIONAL),
-        ("depth", DEPTH),
-    ):
-        options = dict(getattr(config, part))
-        if "name" not in options:
-            raise ConfigError(f"model.{part}.name is missing; choose one of: {', '.join(registry.names())}")
-        name = options.pop("name")
-        registry.get(name)
-        registry.check_options(name, options)
-
-    norm = dict(config.norm)
-    PLACEMENTS.get(norm.pop("placement", None))
-    NORMS.get(norm.pop("kind", "layernorm"))
-    eps = norm.pop("eps", 1e-5)
-    norm.pop("affine", None)
-    if norm:
-        raise ConfigError(f"model.norm.{next(iter(norm))} is not a norm option; options: placement, kind, eps, affine")
-    if not eps > 0:
-        raise ConfigError(f"model.norm.eps must be positive, got {eps}")
-
-    attention_cls = ATTENTION.get(config.attention["name"])
-    positional_name = config.positional["name"]
-    reason = getattr(attention_cls, "incompatible_positional", {}).get(positional_name)
-    if reason:
-        raise ConfigError(
-            f"attention={config.attention['name']} cannot be combined with positional={positional_name}: {reason}"
-        )
-    check_attention = getattr(attention_cls, "check", None)  # option values (e.g. a window >= 1)
-    if check_attention is not None:
-        check_attention(config)
-    POSITIONAL.get(positional_name).check(config)
-    EMBEDDINGS.get(config.embedding["name"]).check(config)

@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.cache import KVCache
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.positional import AttentionInputs
-from tiny_decoder.model.registry import ConfigError, Registry
 
 DEPTH = Registry("model.depth.name", group="depth", supplied=("config",))
 # early exit: (readout, hidden, previous hidden) -> (B, T) confidence that the token may stop here

@@ -39,15 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tiny_decoder.core.checks import check_int
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model.attention import ATTENTION, CausalSelfAttention, masked_scores
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.positional import AttentionInputs
-from tiny_decoder.model.registry import ConfigError
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"model.attention.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _attention_options(config: ModelConfig) -> dict[str, Any]:
@@ -137,8 +133,8 @@ class LongformerAttention(CausalSelfAttention):
 
     @staticmethod
     def validate_options(window: int = 64, n_global: int = 0, implementation: str = "banded") -> None:
-        _check_int("window", window, 1)
-        _check_int("n_global", n_global, 0)
+        check_int("model.attention.window", window, 1)
+        check_int("model.attention.n_global", n_global, 0)
         if implementation not in LONGFORMER_IMPLEMENTATIONS:
             raise ConfigError(
                 f"model.attention.implementation='{implementation}' is unknown for attention=longformer; "
@@ -178,9 +174,9 @@ class LinformerAttention(CausalSelfAttention):
 
     @staticmethod
     def validate_options(k: int = 16, block_size: int | None = None) -> None:
-        _check_int("k", k, 1)
+        check_int("model.attention.k", k, 1)
         if block_size is not None:
-            _check_int("block_size", block_size, 1)
+            check_int("model.attention.block_size", block_size, 1)
 
     @classmethod
     def check(cls, config: ModelConfig) -> None:

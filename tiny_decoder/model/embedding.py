@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.config import ModelConfig
-from tiny_decoder.model.registry import ConfigError, Registry
 
 EMBEDDINGS = Registry("model.embedding.name", group="model.embedding.name", supplied=("config",))
 

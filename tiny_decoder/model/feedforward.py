@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tiny_decoder.model.registry import Registry
+from tiny_decoder.core.registry import Registry
 
 ACTIVATIONS = Registry("model.activation.name", group="activation", supplied=("d_model", "d_ff", "bias"))
 

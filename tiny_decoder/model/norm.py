@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from tiny_decoder.model.registry import Registry
+from tiny_decoder.core.registry import Registry
 
 NORMS = Registry("model.norm.kind", group="norm.kind")
 PLACEMENTS = Registry("model.norm.placement", group="norm")

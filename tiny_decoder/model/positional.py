@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.embedding import ScalarFeature
-from tiny_decoder.model.registry import ConfigError, Registry
 
 POSITIONAL = Registry("model.positional.name", group="positional", supplied=("config",))
 

@@ -20,6 +20,7 @@ from tiny_decoder.model.embedding import EMBEDDINGS
 from tiny_decoder.model.feedforward import ACTIVATIONS
 from tiny_decoder.model.norm import PLACEMENTS, build_norm
 from tiny_decoder.model.positional import POSITIONAL, AttentionInputs
+from tiny_decoder.model.validation import validate_model_config
 
 
 def _options(part: dict) -> tuple[str, dict]:
@@ -51,7 +52,7 @@ class DecoderTransformer(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config.validate()
+        self.config = validate_model_config(config)
         embedding_name, embedding_options = _options(config.embedding)
         positional_name, positional_options = _options(config.positional)
         depth_name, depth_options = _options(config.depth)

@@ -25,8 +25,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from tiny_decoder.core.registry import Registry
 from tiny_decoder.model import DecoderTransformer, ModelConfig
-from tiny_decoder.model.registry import Registry
 from tiny_decoder.training.distillation import Distiller
 from tiny_decoder.training.finite_difference import ZerothOrderOptimizer
 from tiny_decoder.training.manual_optimization import configure_zeroth_order

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from tiny_decoder.cli import RunFailure
+from tiny_decoder.core.errors import RunFailure
 
 log = logging.getLogger(__name__)
 

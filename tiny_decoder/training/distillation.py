@@ -20,7 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model.transformer import DecoderTransformer
 
 

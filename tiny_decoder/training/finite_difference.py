@@ -55,7 +55,8 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from tiny_decoder.model.registry import ConfigError, Registry
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.core.registry import Registry
 
 Closure = Callable[[], torch.Tensor]
 Scales = Mapping[int, float]  # tensor index -> multiplier of that tensor's direction component

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tiny_decoder.model.registry import Registry
+from tiny_decoder.core.registry import Registry
 
 DISTANCE_WEIGHTINGS = Registry("task.loss.weighting", group="task.loss.weighting")
 PREDICTIONS = Registry("task.loss.prediction", group="task.loss.prediction")

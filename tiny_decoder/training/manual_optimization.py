@@ -30,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.training.finite_difference import PHASES, ZerothOrderOptimizer
 
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]

@@ -36,8 +36,9 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.nn.utils import prune
 
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.attention import CausalSelfAttention
-from tiny_decoder.model.registry import ConfigError, Registry
 from tiny_decoder.model.transformer import DecoderTransformer
 
 log = logging.getLogger(__name__)

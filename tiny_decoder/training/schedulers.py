@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 
-from tiny_decoder.model.registry import ConfigError
+from tiny_decoder.core.errors import ConfigError
 
 
 def _warmup(optimizer: Optimizer, warmup_steps: int) -> LinearLR:

@@ -1,4 +1,4 @@
-"""A tiny name -> class registry, one per swappable model part.
+"""A tiny name -> class registry, one per swappable part (model parts, losses, tasks, pruning methods, ...).
 
 Configs name parts by plain strings (``attention: {name: sdpa}``) so they stay serialisable YAML and a
 checkpoint's hyper-parameters rebuild the exact model; each part's registry resolves the name in one place
@@ -11,9 +11,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
+from tiny_decoder.core.errors import ConfigError
 
 
 class Registry:
