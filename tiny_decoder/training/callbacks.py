@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
@@ -34,6 +33,7 @@ from rich.console import Console
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from tiny_decoder.core.errors import RunFailure
+from tiny_decoder.core.seeds import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -262,12 +262,6 @@ def interrupted_error(trainer: L.Trainer) -> TrainingInterrupted:
 # --------------------------------------------------------------------------------------------------------
 
 
-def mixed_seed(*values: int) -> int:
-    """A 63-bit seed from several integers (independent streams for different tuples)."""
-    low, high = np.random.SeedSequence([int(v) for v in values]).generate_state(2)
-    return (int(high) << 31) ^ int(low)
-
-
 class ResumableLoader(DataLoader):
     """A DataLoader whose shuffle order depends only on ``(seed, epoch)`` and that can resume mid-epoch.
 
@@ -289,7 +283,7 @@ class ResumableLoader(DataLoader):
         self.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
         self._iterations += 1
         if self.generator is not None:
-            self.generator.manual_seed(mixed_seed(self.seed, self.epoch))
+            self.generator.manual_seed(mix_seed(self.seed, self.epoch))
         iterator = super().__iter__()
         self.batches = self._skip(iterator)
         return self._counted(iterator)
@@ -375,7 +369,7 @@ class ExactResume(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        seed_generators(mixed_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx), pl_module.device)
+        seed_generators(mix_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx), pl_module.device)
 
 
 def seed_generators(seed: int, device: torch.device) -> None:

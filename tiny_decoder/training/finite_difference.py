@@ -57,6 +57,7 @@ from torch.func import functional_call, vmap
 
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.core.registry import Registry
+from tiny_decoder.core.seeds import mix_seed, seeded_generator
 
 Closure = Callable[[], torch.Tensor]
 Scales = Mapping[int, float]  # tensor index -> multiplier of that tensor's direction component
@@ -73,34 +74,8 @@ DIRECTIONS = Registry("zeroth-order direction kind")
 PHASES = ("finite_difference", "backprop")  # the hybrid schedule's phases, run by the Lightning glue
 STATE_KEY = "zeroth_order"  # this optimizer's own entry in ``optimizer.state`` (saved with checkpoints)
 UNIFORM_MIX = 0.1  # share of uniform probability mixed into sensitivity-proportional tensor sampling
-_MASK64 = (1 << 64) - 1
 _SAMPLING_KEY = 0x5A4D  # seed-stream labels, so the sampling and direction streams never coincide
 _PROBE_KEY = 0x5E25
-
-
-# ---------------------------------------------------------------------------------------------------
-# Seeds
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*keys: int) -> int:
-    """A 63-bit seed determined by ``keys`` (splitmix64 chained over them)."""
-    state = 0
-    for key in keys:
-        state = _splitmix64(state ^ (int(key) & _MASK64))
-    return state >> 1
-
-
-def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
-    return generator
 
 
 # ---------------------------------------------------------------------------------------------------
