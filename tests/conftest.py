@@ -12,9 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+from tests.helpers import CONF_DIR, SHARED_DATA
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -44,20 +42,3 @@ def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
-
-
-def tiny_sequence_overrides(epochs: int = 2) -> list[str]:
-    """Overrides that make a sequence run take a few seconds."""
-    return [
-        f"trainer.max_epochs={epochs}",
-        "data.train_samples_per_epoch=640",
-        "data.val_samples=96",
-        "data.test_samples=96",
-        "scheduler.warmup_steps=5",
-        "logger=csv",
-        "~callbacks.rich_progress_bar",
-        "~callbacks.rich_model_summary",
-        "~callbacks.samples",
-        "trainer.enable_model_summary=false",
-        "trainer.enable_progress_bar=false",
-    ]

@@ -11,9 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from tests.conftest import CONF_DIR, tiny_sequence_overrides
-from tests.test_operations import run_train
-from tests.test_train import run_module
+from tests.helpers import CONF_DIR, run_module, run_train, tiny_sequence_overrides
 from tiny_decoder.train import fit_and_test
 
 TINY = ["+experiment=sequence_strong", *tiny_sequence_overrides(epochs=1), "~callbacks.attention_maps"]

@@ -12,8 +12,7 @@ import lightning as L
 import pytest
 from hydra.utils import instantiate
 
-from tests.conftest import tiny_sequence_overrides
-from tests.test_train import run_module
+from tests.helpers import run_module, tiny_sequence_overrides
 
 
 class RecordRank(L.Callback):

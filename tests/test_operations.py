@@ -1,20 +1,15 @@
 """Experiment operations: W&B (offline, no account) beside CSV and TensorBoard, a multirun with a failing job,
 the Optuna and SLURM launcher configs, the building blocks of ``resume=auto`` and exact resume, the ROCm
 Dockerfile and the README's Operations section.
-
-``run_train`` runs ``python -m tiny_decoder.train ARGS`` in this process (the real entry point, Hydra
-included) and returns its exit code; the other operation tests use it too.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,38 +17,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import CONF_DIR, REPO_ROOT, tiny_sequence_overrides
+from tests.helpers import CONF_DIR, REPO_ROOT, run_train, tiny_sequence_overrides
 from tiny_decoder.model import DecoderTransformer, ModelConfig
-from tiny_decoder.train import cli, command_signature, find_auto_checkpoint, train
+from tiny_decoder.train import command_signature, find_auto_checkpoint, train
 from tiny_decoder.training.callbacks import AttentionMapLogger, ResumableLoader, resumable_loader
 
 # --------------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------------
-
-
-def run_train(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    """``python -m tiny_decoder.train ARGS`` in this process; the exit code (0 when it returns)."""
-    monkeypatch.setattr(sys, "argv", ["tiny_decoder.train", *args])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # recorded, so what cli() sets is undone after the test
-    monkeypatch.delenv("HYDRA_FULL_ERROR")
-    monkeypatch.delenv("TINY_DECODER_TRACEBACK", raising=False)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        cli()
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-    finally:
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = None
-        for handler in set(root.handlers) - set(handlers):  # Hydra's job logging: back to pytest's
-            handler.close()
-        root.handlers[:], root.level = handlers, level
-    return 0
 
 
 def compose_with_hydra(*overrides: str):

@@ -5,16 +5,14 @@ resolved instead (sweep directory and submitit folder), which is where the multi
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT, run_module
 
 README = REPO_ROOT / "README.md"
 # what makes each README command take seconds: one batch per job, two Optuna trials
@@ -40,11 +38,8 @@ SLURM = [words for words in MULTIRUN_COMMANDS if any("slurm" in word for word in
 
 
 def run(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    for name in ("HYDRA_FULL_ERROR", "TINY_DECODER_TRACEBACK"):
-        env.pop(name, None)
-    command = [sys.executable, *words[1:]]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    """A README command line (``python -m MODULE ARGS``) run from ``cwd``."""
+    return run_module(words[2], *words[3:], timeout=300, cwd=cwd)
 
 
 def test_the_readme_has_the_multirun_commands_this_file_runs() -> None:

@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.test_train import run_module
+from tests.helpers import run_module
 
 KILL_ENV = "TINY_DECODER_TEST_KILL"  # "STEP:SIGNAL": send SIGNAL to the run itself after optimizer step STEP
 

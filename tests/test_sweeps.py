@@ -19,9 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from tests.conftest import CONF_DIR, REPO_ROOT, SHARED_DATA
-from tests.test_operations import run_train
-from tests.test_train import run_module
+from tests.helpers import CONF_DIR, REPO_ROOT, SHARED_DATA, run_module, run_train
 from tiny_decoder.train import build_model_config, validate_config
 
 SWEEPS = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))

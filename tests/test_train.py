@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, tiny_sequence_overrides
+from tests.helpers import run_module, tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.tasks import load_task
 from tiny_decoder.train import fit_and_test
-
-
-def run_module(module: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    env.pop("TINY_DECODER_TRACEBACK", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_cli_fast_dev_run_of_the_card_recipe():

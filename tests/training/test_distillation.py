@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from tests.conftest import tiny_sequence_overrides
+from tests.helpers import tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model import ModelConfig
 from tiny_decoder.tasks.language_model import LanguageModel

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_sequence_overrides
+from tests.helpers import tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.data.sequences import generate_sequences
 from tiny_decoder.model import DecoderTransformer, ModelConfig

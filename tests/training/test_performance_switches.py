@@ -10,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from tests.conftest import tiny_sequence_overrides
+from tests.helpers import tiny_sequence_overrides
 from tiny_decoder.tasks.language_model import LanguageModel
 from tiny_decoder.train import build_run, fit_and_test
 from tiny_decoder.training import optimizers

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from tests.conftest import tiny_sequence_overrides
+from tests.helpers import tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.tasks import load_task
