@@ -46,8 +46,8 @@ import torch
 from tiny_decoder.data.sequences import generate_sequences
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.tasks.base import parameter_groups
-from tiny_decoder.training.finite_difference import ZerothOrderOptimizer
 from tiny_decoder.training.losses import distance_weighted_cross_entropy
+from tiny_decoder.training.zeroth_order import ZerothOrderOptimizer
 
 BATCH, SEQ_LEN, PHASE1 = 32, 8, (1.0, 0.0, 0.0)
 MODELS = {

@@ -22,9 +22,9 @@ from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.data.sequences import generate_sequences
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.train import fit_and_test
-from tiny_decoder.training.finite_difference import HybridSchedule, ZerothOrderOptimizer, relative_epsilon
 from tiny_decoder.training.losses import distance_weighted_cross_entropy
-from tiny_decoder.training.manual_optimization import training_loss
+from tiny_decoder.training.zeroth_order import HybridSchedule, ZerothOrderOptimizer, training_loss
+from tiny_decoder.training.zeroth_order.per_tensor import relative_epsilon
 
 TINY = dict(vocab_size=11, context_length=6, d_model=8, n_layers=1, n_heads=2, d_ff=16, attention={"name": "standard"})
 

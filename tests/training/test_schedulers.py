@@ -47,5 +47,5 @@ def test_constant_with_warmup():
 
 def test_bad_values():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(ConfigError, match="warmup_steps must be >= 0"):
+    with pytest.raises(ConfigError, match="warmup_steps must be an integer >= 0"):
         warmup_cosine(optimizer, total_steps=10, warmup_steps=-1)

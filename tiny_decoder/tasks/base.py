@@ -28,10 +28,10 @@ from torch import nn
 from tiny_decoder.core.registry import Registry
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.training.distillation import Distiller
-from tiny_decoder.training.finite_difference import ZerothOrderOptimizer
-from tiny_decoder.training.manual_optimization import configure_zeroth_order
 from tiny_decoder.training.optimizers import clip_gradients, unscales_in_step
 from tiny_decoder.training.pruning import conform_to_state_dict
+from tiny_decoder.training.schedulers import step_schedule
+from tiny_decoder.training.zeroth_order import ZerothOrderOptimizer, configure_zeroth_order
 
 TASKS = Registry("task.name", group="task")
 
@@ -152,11 +152,7 @@ class DecoderTask(L.LightningModule):
         optimizer = self.optimizer_factory(parameter_groups(self.model))
         if isinstance(optimizer, ZerothOrderOptimizer):  # finite differences: manual optimization, own step
             return configure_zeroth_order(self, optimizer, self.scheduler_factory)
-        if self.scheduler_factory is None:
-            return optimizer
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, total_steps=total_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return step_schedule(optimizer, self.scheduler_factory, self.trainer)
 
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from tiny_decoder.core.checks import check, check_number, is_positive
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model.transformer import DecoderTransformer
 
@@ -79,10 +80,8 @@ class KnowledgeDistillation(L.Callback):
             raise ConfigError("distillation=kd needs the teacher: distillation.teacher_ckpt=PATH.ckpt")
         if not Path(teacher_ckpt).is_file():
             raise ConfigError(f"distillation.teacher_ckpt={teacher_ckpt}: no such checkpoint file")
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"distillation.alpha must be in [0, 1], got {alpha}")
-        if not temperature > 0:
-            raise ConfigError(f"distillation.temperature must be positive, got {temperature}")
+        check_number("distillation.alpha", alpha, 0, 1)
+        check("distillation.temperature", temperature, is_positive, "positive")
         self.teacher_ckpt, self.alpha, self.temperature = str(teacher_ckpt), float(alpha), float(temperature)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.nn.utils import prune
 
+from tiny_decoder.core.checks import check, check_int, check_number, is_count, is_number
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.attention import CausalSelfAttention
@@ -150,6 +151,11 @@ def to_step(value: int | float, total_steps: int) -> int:
     return value if isinstance(value, int) else round(value * total_steps)
 
 
+def is_step_or_fraction(value: Any) -> bool:
+    """What :func:`to_step` takes: an integer step >= 0 or a float fraction of the run in [0, 1]."""
+    return is_count(value) or (is_number(value) and 0 <= value <= 1)
+
+
 PRUNING_SCOPES.register("local")(lambda: False)  # value: use one global threshold?
 PRUNING_SCOPES.register("global")(lambda: True)
 
@@ -172,15 +178,10 @@ class MagnitudePruning(ModelPruning):
         scope: str = "local",
         verbose: int = 0,
     ):
-        if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
-            raise ConfigError(f"pruning.sparsity must be in [0, 1), got {sparsity!r}")
+        check_number("pruning.sparsity", sparsity, 0, 1, high_open=True)
         for name, value in (("start_step", start_step), ("end_step", end_step)):
-            if not (isinstance(value, (int, float)) and value >= 0 and (isinstance(value, int) or value <= 1)):
-                raise ConfigError(
-                    f"pruning.{name} must be a step >= 0 or a fraction of the run in [0, 1], got {value!r}"
-                )
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ConfigError(f"pruning.every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+            check(f"pruning.{name}", value, is_step_or_fraction, "a step >= 0 or a fraction of the run in [0, 1]")
+        check_int("pruning.every_n_steps", every_n_steps, 1)
         for name in modules:
             PRUNABLE.get(name)
         super().__init__(
@@ -341,8 +342,7 @@ class HeadPruning(L.Callback):
         batches: int = 8,
         dirpath: str | None = None,
     ):
-        if not isinstance(amount, int) or amount < 0:
-            raise ConfigError(f"pruning.amount (heads to remove) must be an integer >= 0, got {amount!r}")
+        check_int("pruning.amount (heads to remove)", amount, 0)
         HEAD_SCOPES.get(scope)
         self.amount, self.scope, self.normalize, self.batches, self.dirpath = amount, scope, normalize, batches, dirpath
         self.kept: list[list[int]] | None = None

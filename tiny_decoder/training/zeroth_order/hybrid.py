@@ -1,4 +1,5 @@
-"""Lightning glue for zeroth-order training (``optimizer=finite_difference``), shared by every task.
+"""Lightning glue for zeroth-order training (``optimizer=finite_difference``), shared by every task, and the
+hybrid schedule run through it.
 
 ``DecoderTask.configure_optimizers`` hands a :class:`ZerothOrderOptimizer` to :func:`configure_zeroth_order`,
 which switches the task to manual optimization and routes its training step through
@@ -6,13 +7,14 @@ which switches the task to manual optimization and routes its training step thro
 :func:`training_loss` -- the task's ``training_loss(batch)`` when it defines one, otherwise the task's own
 ``training_step`` (its return value is the loss) with ``self.log`` muted.
 
-A step, by phase (``optimizer.hybrid`` switches at ``switch_step``, either way round):
+A step, by phase (``optimizer.hybrid``, a :class:`HybridSchedule`, switches at ``switch_step``, either way round):
 
 - ``finite_difference``: ``optimizer.estimate(loss on this batch)`` (all evaluations under ``no_grad``, the
   same batch and RNG state), then the Lightning optimizer's ``step()`` applies it (so ``global_step``,
   profiling and ``on_before_optimizer_step`` behave as usual).
-- ``backprop``: forward, ``manual_backward``, clipping with the trainer's ``gradient_clip_val`` (Lightning
-  leaves clipping to the module under manual optimization), step of the hybrid's first-order optimizer.
+- ``backprop``: forward, ``manual_backward``, clipping with the trainer's ``gradient_clip_val`` through the
+  task's ``configure_gradient_clipping`` (Lightning leaves clipping to the module under manual optimization),
+  step of the hybrid's first-order optimizer (``conf/optimizer/adamw.yaml`` unless overridden).
 
 Every scheduler is stepped once per training step, so each optimizer follows the same schedule of the run.
 Logged: ``train/loss``, ``train/projected_grad``, ``fd/epsilon``, ``fd/step_size``, ``fd/evaluations``,
@@ -31,9 +33,8 @@ import lightning as L
 import torch
 
 from tiny_decoder.core.errors import ConfigError
-from tiny_decoder.training.finite_difference import PHASES, ZerothOrderOptimizer
-
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+from tiny_decoder.training.schedulers import SchedulerFactory, step_schedule
+from tiny_decoder.training.zeroth_order.optimizer import PHASES, ZerothOrderOptimizer
 
 
 def training_loss(task: L.LightningModule, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -63,8 +64,9 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 def configure_zeroth_order(
     task: L.LightningModule, optimizer: ZerothOrderOptimizer, scheduler_factory: SchedulerFactory | None
-) -> list[dict[str, Any]]:
-    """What ``configure_optimizers`` returns for a zeroth-order optimizer (plus the hybrid's backprop one)."""
+) -> list[dict[str, Any] | torch.optim.Optimizer]:
+    """What ``configure_optimizers`` returns for a zeroth-order optimizer (plus the hybrid's backprop one), each
+    with its own step schedule."""
     _check_trainer(task.trainer)
     task.automatic_optimization = False
     optimizer.bind(task.model)
@@ -73,17 +75,7 @@ def configure_zeroth_order(
         optimizers.append(optimizer.hybrid.backprop(optimizer.backprop_groups()))
     # The task's own training_step is replaced on this instance only: it becomes ZerothOrderTraining's.
     task.training_step = ZerothOrderTraining(task, optimizer).training_step
-    total_steps = int(task.trainer.estimated_stepping_batches)
-    return [_with_scheduler(opt, scheduler_factory, total_steps) for opt in optimizers]
-
-
-def _with_scheduler(
-    optimizer: torch.optim.Optimizer, scheduler_factory: SchedulerFactory | None, total_steps: int
-) -> dict[str, Any]:
-    if scheduler_factory is None:
-        return {"optimizer": optimizer}
-    scheduler = scheduler_factory(optimizer, total_steps=total_steps)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    return [step_schedule(opt, scheduler_factory, task.trainer) for opt in optimizers]
 
 
 def _check_trainer(trainer: L.Trainer) -> None:
@@ -138,7 +130,12 @@ class ZerothOrderTraining:
         loss = training_loss(self.task, batch, batch_idx)
         optimizer.zero_grad(set_to_none=True)
         self.task.manual_backward(loss)
-        self.task.clip_gradients(optimizer)  # the trainer's gradient_clip_val / _algorithm (none when unset)
+        # the trainer's gradient_clip_val / _algorithm (none when unset), through the task's hook as automatic
+        # optimization calls it (DecoderTask's clips a fused AdamW under mixed precision too)
+        trainer = self.task.trainer
+        self.task.configure_gradient_clipping(
+            optimizer.optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm
+        )
         optimizer.step()
         return loss.detach()
 
