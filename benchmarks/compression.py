@@ -42,6 +42,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tiny_decoder.model.depth import EarlyExit, LayerDrop
+from tiny_decoder.run import run_dir as layout
 from tiny_decoder.tasks import DecoderTask, load_task
 from tiny_decoder.training.pruning import gate_heads, head_importance, heads_to_keep, prune_heads
 
@@ -50,7 +51,7 @@ HEADS_REMOVED = (0, 2, 4, 6, 8, 10, 12)
 THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.95, 2.0)
 SUBNETWORKS = ([0, 1, 2, 3], [0, 1, 2], [0, 1, 3], [0, 2], [1, 3], [0, 1], [0])
 LATENCY_BATCH, LATENCY_ROUNDS, LATENCY_REPEATS = (256, 8), 40, 5
-RUN_FILES = ("results.json", "csv/metrics.csv", ".hydra/overrides.yaml")
+RUN_FILES = (layout.RESULTS, layout.METRICS, layout.OVERRIDES)
 
 # --------------------------------------------------------------------------------------------------------
 # Loading and evaluating a run

@@ -4,7 +4,7 @@
 
 Builds the recipe's model (``+experiment=NAME``: the stories15M shape is d 288, 6 layers, 6 heads, SwiGLU 768,
 RoPE, context 256, vocabulary 4096) with random weights (the work per token does not depend on them) and
-decodes greedily from a 1-token prompt in three ways (``tiny_decoder.generation.generate``):
+decodes greedily from a 1-token prompt in three ways (``tiny_decoder.model.generation.generate``):
 
 - ``recompute``: no cache, the whole (cropped) sequence every step (``use_cache=False``);
 - ``cached``: the eager KV cache (the default);
@@ -23,8 +23,8 @@ import time
 import torch
 from benchkit import SMOKE_OVERRIDES, device, emit, machine, median, recipe_model_config, table, timed
 
-from tiny_decoder.generation import generate
 from tiny_decoder.model import DecoderTransformer
+from tiny_decoder.model.generation import generate
 
 MODES = {"recompute": {"use_cache": False}, "cached": {}, "compiled": {"compile": True}}
 

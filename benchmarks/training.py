@@ -6,7 +6,7 @@
 
 For every setting, in one process and side by side (Lightning, loop, Lightning, loop, ... ``--repeats``):
 
-- **lightning**: ``tiny_decoder.train.build_run`` of ``+experiment=NAME`` with the setting's overrides (batch
+- **lightning**: ``tiny_decoder.run.build.build_run`` of ``+experiment=NAME`` with the setting's overrides (batch
   ``--batch-size``, no gradient accumulation, no validation) and the recipe's callbacks and loggers, i.e. what
   ``python -m tiny_decoder.train`` runs; ``trainer.fit`` for ``--warmup + --steps`` optimizer steps.
 - **loop**: the same model (same init), data loader, AdamW parameter groups, LR schedule and gradient clipping
@@ -47,8 +47,9 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import measure_flops
 
 from tiny_decoder.model import DecoderTransformer, ModelConfig
+from tiny_decoder.run.build import build_run
+from tiny_decoder.run.config_checks import build_model_config
 from tiny_decoder.tasks.base import parameter_groups
-from tiny_decoder.train import build_model_config, build_run
 from tiny_decoder.training.losses import next_token_cross_entropy
 
 PATHS = ("lightning", "loop")

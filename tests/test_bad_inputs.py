@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from tests.helpers import CONF_DIR, run_module, run_train, tiny_sequence_overrides
-from tiny_decoder.train import fit_and_test
+from tiny_decoder.run.fit import fit_and_test
 
 TINY = ["+experiment=sequence_strong", *tiny_sequence_overrides(epochs=1), "~callbacks.attention_maps"]
 SMALL_MODEL = ["model.d_model=32", "model.n_layers=1", "model.d_ff=64"]

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers import CONF_DIR, REPO_ROOT, run_train, tiny_sequence_overrides
 from tiny_decoder.model import DecoderTransformer, ModelConfig
-from tiny_decoder.train import command_signature, find_auto_checkpoint, train
+from tiny_decoder.run.fit import train
+from tiny_decoder.run.resume import command_signature, find_auto_checkpoint
 from tiny_decoder.training.callbacks import AttentionMapLogger, ResumableLoader, resumable_loader
 
 # --------------------------------------------------------------------------------------------------------

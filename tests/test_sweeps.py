@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from tests.helpers import CONF_DIR, REPO_ROOT, SHARED_DATA, run_module, run_train
-from tiny_decoder.train import build_model_config, validate_config
+from tiny_decoder.run.config_checks import build_model_config, validate_config
 
 SWEEPS = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))
 ENTRY = ["${env}", "python", "-m", "tiny_decoder.train"]

@@ -10,8 +10,8 @@ import torch
 
 from tests.helpers import run_module, tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.run.fit import fit_and_test
 from tiny_decoder.tasks import load_task
-from tiny_decoder.train import fit_and_test
 
 
 def test_cli_fast_dev_run_of_the_card_recipe():

@@ -1,4 +1,10 @@
-"""Shared command-line behaviour: a bad input ends the program with one clear line and a non-zero exit code.
+"""The tools' one entry helper and their shared behaviour: a bad input ends the program with one clear line
+and a non-zero exit code.
+
+``hydra_tool(name, function)`` makes the ``python -m tiny_decoder.<name>`` entry of a Hydra tool: it composes
+``conf/<name>.yaml`` (found by absolute path, whatever the working directory) with the command line and calls
+``function(cfg)`` under :func:`run_cli` inside :func:`run_hydra`. ``run_cli`` alone serves a tool with its own
+argument parser (``report``).
 
 Errors a user can fix (a config value, a missing file, a wrong checkpoint) are printed as
 ``error: <message>`` without a traceback (set ``TINY_DECODER_TRACEBACK=1`` to see it), also when Hydra's
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import hydra
 from hydra.errors import (
     CompactHydraException,
     InstantiationException,
@@ -26,45 +33,15 @@ from hydra.errors import (
 )
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from tiny_decoder.core.errors import ConfigError, RunFailure
+from tiny_decoder.core.errors import one_line, user_error, user_error_types
+from tiny_decoder.run.run_dir import failed_runs
 
 T = TypeVar("T")
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError,
-    FileNotFoundError,
-    ValueError,
-    MissingMandatoryValue,
-    RunFailure,
-)
 USER_ERROR_EXIT_CODE = 2
-ERROR_FILE = "error.txt"
-LIGHTNING_ERRORS = "lightning.fabric.utilities.exceptions"  # MisconfigurationException: a Trainer option clash
-
-
-def user_error_types() -> tuple[type[BaseException], ...]:
-    """USER_ERRORS, plus Lightning's MisconfigurationException once Lightning is loaded (not imported here:
-    the tools that do not train start faster without it)."""
-    lightning = sys.modules.get(LIGHTNING_ERRORS)
-    return (*USER_ERRORS, lightning.MisconfigurationException) if lightning is not None else USER_ERRORS
-
-
-def user_error(error: BaseException) -> BaseException | None:
-    """The user-fixable error behind ``error`` (unwrapping Hydra's InstantiationException), or None."""
-    while isinstance(error, InstantiationException) and error.__cause__ is not None:
-        error = error.__cause__
-    return error if isinstance(error, user_error_types()) else None
-
-
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (OmegaConf's ``full_key:`` / ``object_type=`` details dropped)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if isinstance(error, OmegaConfBaseException):
-        lines = lines[:1]
-    return " ".join(lines) or type(error).__name__
 
 
 def print_error(message: str) -> None:
@@ -112,6 +89,27 @@ def run_hydra(main: Callable[[], Any]) -> None:
         sys.exit(USER_ERROR_EXIT_CODE)
 
 
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: works when imported, not only as __main__
+
+
+def hydra_tool(name: str, function: Callable[[DictConfig], Any], config_name: str | None = None) -> Callable[[], None]:
+    """The entry point of ``python -m tiny_decoder.<name>``: ``function(cfg)`` on ``conf/<config_name or name>.yaml``
+    composed with the command line; user errors and configs Hydra cannot compose are one ``error:`` line."""
+
+    def task(cfg: DictConfig) -> Any:
+        return run_cli(function, cfg)
+
+    task.__module__ = f"tiny_decoder.{name}"  # Hydra names the job (and its <name>.log) after this module
+    task.__qualname__ = task.__name__ = name
+    main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name or name)(task)
+
+    def entry() -> None:
+        run_hydra(main)
+
+    entry.__doc__ = f"``python -m tiny_decoder.{name}``: {function.__name__}(cfg) on conf/{config_name or name}.yaml"
+    return entry
+
+
 class FailedJobs(Callback):
     """Hydra callback (``hydra.callbacks``): after a multirun, name the failed jobs and exit with code 1.
 
@@ -121,7 +119,7 @@ class FailedJobs(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        failed = sorted(sweep_dir.rglob(ERROR_FILE))
+        failed = failed_runs(sweep_dir)
         if not failed:
             return
         jobs = len(list(sweep_dir.rglob(".hydra")))

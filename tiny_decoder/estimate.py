@@ -11,18 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from tiny_decoder.cli import run_cli
+from tiny_decoder.cli import hydra_tool
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.model.feedforward import swiglu_hidden_size
 from tiny_decoder.model.norm import PLACEMENTS
-from tiny_decoder.train import build_model_config
+from tiny_decoder.run.config_checks import build_model_config
 
 GIB = 1024**3
 BYTES_FP32 = 4
@@ -135,10 +134,7 @@ def run_estimate(cfg: DictConfig) -> MemoryEstimate:
     return estimate
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="estimate")
-def main(cfg: DictConfig) -> None:
-    run_cli(run_estimate, cfg)
-
+main = hydra_tool("estimate", run_estimate)
 
 if __name__ == "__main__":
     main()

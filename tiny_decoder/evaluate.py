@@ -13,11 +13,10 @@ import json
 import math
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from tiny_decoder.cli import run_cli
+from tiny_decoder.cli import hydra_tool
 from tiny_decoder.tasks import load_task
 
 
@@ -59,10 +58,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    run_cli(evaluate_checkpoint, cfg)
-
+main = hydra_tool("evaluate", evaluate_checkpoint)
 
 if __name__ == "__main__":
     main()

@@ -7,11 +7,10 @@ Sequence task: ``sequence="1 2 4 7 11" steps=5`` prints the greedy continuation.
 
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from tiny_decoder.cli import run_cli
+from tiny_decoder.cli import hydra_tool
 from tiny_decoder.tasks import load_task
 
 
@@ -24,10 +23,7 @@ def generate_from_checkpoint(cfg: DictConfig) -> list[str]:
     return outputs
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
-def main(cfg: DictConfig) -> None:
-    run_cli(generate_from_checkpoint, cfg)
-
+main = hydra_tool("generate", generate_from_checkpoint)
 
 if __name__ == "__main__":
     main()

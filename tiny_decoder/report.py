@@ -25,21 +25,21 @@ import argparse
 import csv
 import json
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tiny_decoder.cli import run_cli
+from tiny_decoder.run import run_dir
+from tiny_decoder.run.run_dir import RunDir, find_runs, read_logged_rows
 
 DEFAULT_METRIC = "val/loss"
 DEFAULT_VALUE = "(default)"
-ERROR_FILES = ("error.txt", "train.log")
+ERROR_FILES = (run_dir.ERROR, run_dir.LOG)
 MAX_ERROR = 160
 ANNOTATION = {"ha": "center", "va": "bottom", "fontsize": 7}
 NAN = float("nan")
@@ -71,14 +71,10 @@ class Job:
         return self.metrics.get(metric, NAN)
 
 
-def _natural_key(path: Path) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
 def find_job_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such directory")
-    jobs = sorted({p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}, key=_natural_key)
+    jobs = [run.path for run in find_runs(root)]
     if not jobs:
         raise ValueError(
             f"{root} is not a multirun directory: no job directory with .hydra/overrides.yaml under it "
@@ -97,7 +93,7 @@ def parse_override(text: str) -> tuple[str, str]:
 
 
 def read_overrides(job_dir: Path) -> list[str]:
-    return [str(entry) for entry in yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []]
+    return RunDir(job_dir).read_overrides() or []
 
 
 def read_error(job_dir: Path) -> str:
@@ -112,10 +108,9 @@ def read_error(job_dir: Path) -> str:
 
 
 def read_monitor(job_dir: Path) -> tuple[str, str] | None:
-    config_path = job_dir / ".hydra" / "config.yaml"
-    if not config_path.is_file():
+    config = RunDir(job_dir).read_config()
+    if config is None:
         return None
-    config = yaml.safe_load(config_path.read_text()) or {}
     checkpoint = ((config.get("callbacks") or {}).get("model_checkpoint")) or {}
     return (checkpoint["monitor"], checkpoint.get("mode", "min")) if checkpoint.get("monitor") else None
 
@@ -131,11 +126,10 @@ def load_job(job_dir: Path, root: Path) -> Job:
     raw = read_overrides(job_dir)
     name = str(job_dir.relative_to(root)) or "."
     job = Job(name, job_dir, dict(map(parse_override, raw)), raw, monitor=read_monitor(job_dir))
-    results_path = job_dir / "results.json"
     try:
-        job.results = json.loads(results_path.read_text()) if results_path.is_file() else None
+        job.results = RunDir(job_dir).read_results()
     except json.JSONDecodeError:
-        job.error = f"unreadable {results_path.name}"
+        job.error = f"unreadable {run_dir.RESULTS}"
     if job.results is None:
         job.error = job.error or read_error(job_dir)
         return job
@@ -321,13 +315,6 @@ def plot_results(jobs: Sequence[Job], swept: Sequence[str], metric: str, path: P
     return save_figure(figure, path)
 
 
-def read_logged_rows(csv_path: Path, metric: str) -> list[dict[str, float]]:
-    """The rows of a run's ``csv/metrics.csv`` that logged ``metric``, with every non-empty cell as a float."""
-    with csv_path.open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get(metric) not in (None, "")]
-    return [{key: float(value) for key, value in row.items() if value not in (None, "")} for row in rows]
-
-
 def read_curve(csv_path: Path, metric: str) -> tuple[list[float], list[float]]:
     rows = [row for row in read_logged_rows(csv_path, metric) if "step" in row]
     return [row["step"] for row in rows], [row[metric] for row in rows]
@@ -340,7 +327,7 @@ def curve_label(job: Job, swept: Sequence[str]) -> str:
 
 def plot_curves(jobs: Sequence[Job], swept: Sequence[str], metric: str, path: Path) -> Path | None:
     """The metric (and its ``train/`` counterpart) over steps, one line per job; None without any CSV log."""
-    logged = [(job, job.path / "csv" / "metrics.csv") for job in jobs if (job.path / "csv" / "metrics.csv").is_file()]
+    logged = [(job, RunDir(job.path).metrics_path) for job in jobs if RunDir(job.path).metrics_path.is_file()]
     train_metric = "train/" + metric.split("/", 1)[-1]
     curves = {name: [(job, read_curve(p, name)) for job, p in logged] for name in dict.fromkeys([metric, train_metric])}
     curves = {name: lines for name, lines in curves.items() if any(steps for _, (steps, _) in lines)}

@@ -9,7 +9,6 @@ set, plus wall time) and ``val_accuracy.png`` (validation accuracy at the last p
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -17,11 +16,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tiny_decoder.report import read_logged_rows  # noqa: E402
+from tiny_decoder.run.run_dir import RunDir  # noqa: E402
 
 
 def table(runs: dict[str, Path]) -> str:
-    results = {name: json.loads((path / "results.json").read_text()) for name, path in runs.items()}
+    results = {name: RunDir(path).read_results() for name, path in runs.items()}
     keys = [
         "test/acc_last",
         "test/phase1_acc_last",
@@ -64,7 +63,7 @@ def table(runs: dict[str, Path]) -> str:
 def plot(runs: dict[str, Path], out: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), sharey=True)
     for name, path in runs.items():
-        rows = read_logged_rows(path / "csv" / "metrics.csv", "val/loss")
+        rows = RunDir(path).logged_rows("val/loss")
         steps = [r["step"] for r in rows]
         for ax, key in zip(
             axes, ["val/acc_last", "val/phase1_acc_last", "val/phase2_acc_last", "val/phase3_acc_last"], strict=True

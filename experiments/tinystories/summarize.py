@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tiny_decoder.report import read_logged_rows  # noqa: E402
+from tiny_decoder.run.run_dir import RunDir  # noqa: E402
 
 REFERENCE_BPB = 1.49  # plain hand-written GPT, 2.2M params, 15 minutes on this 2-core machine (issue 4)
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent)
     parser.add_argument("--tokens-per-step", type=int, default=32 * 256)
     args = parser.parse_args()
-    rows = read_logged_rows(args.run / "csv" / "metrics.csv", "val/bpb")
+    rows = RunDir(args.run).logged_rows("val/bpb")
     steps = [r["step"] + 1 for r in rows]
     tokens = [s * args.tokens_per_step / 1e6 for s in steps]
     fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 3.8))

@@ -9,9 +9,9 @@ import torch
 from torch.testing import assert_close
 
 from tiny_decoder.core.errors import ConfigError
-from tiny_decoder.generation import generate
 from tiny_decoder.model import DecoderTransformer
 from tiny_decoder.model.depth import EXIT_WEIGHTS, EarlyExit, LayerDrop
+from tiny_decoder.model.generation import generate
 
 VOCAB, LENGTH, BATCH = 11, 12, 3
 PIECES = (3, 4, 1, 1, 1, 1, 1)

@@ -23,8 +23,8 @@ from torch import nn  # noqa: E402
 
 from tiny_decoder.data import tokenizer as tokenizer_lib  # noqa: E402
 from tiny_decoder.data.tinystories import EOT_TOKEN, TextDataModule  # noqa: E402
-from tiny_decoder.generation import generate  # noqa: E402
 from tiny_decoder.model import ModelConfig  # noqa: E402
+from tiny_decoder.model.generation import generate  # noqa: E402
 from tiny_decoder.tasks import load_task  # noqa: E402
 from tiny_decoder.tasks.language_model import (  # noqa: E402
     IGNORE_INDEX,

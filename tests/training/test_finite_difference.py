@@ -21,7 +21,7 @@ from tests.helpers import tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.data.sequences import generate_sequences
 from tiny_decoder.model import DecoderTransformer, ModelConfig
-from tiny_decoder.train import fit_and_test
+from tiny_decoder.run.fit import fit_and_test
 from tiny_decoder.training.losses import distance_weighted_cross_entropy
 from tiny_decoder.training.zeroth_order import HybridSchedule, ZerothOrderOptimizer, training_loss
 from tiny_decoder.training.zeroth_order.per_tensor import relative_epsilon

@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from tests.helpers import tiny_sequence_overrides
+from tiny_decoder.run.build import build_run
+from tiny_decoder.run.fit import fit_and_test
 from tiny_decoder.tasks.language_model import LanguageModel
-from tiny_decoder.train import build_run, fit_and_test
 from tiny_decoder.training import optimizers
 from tiny_decoder.training.optimizers import adamw, clip_gradients, unscales_in_step
 

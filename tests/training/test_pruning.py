@@ -16,10 +16,10 @@ from torch.testing import assert_close
 from tests.helpers import tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model import DecoderTransformer, ModelConfig
+from tiny_decoder.run.fit import fit_and_test
 from tiny_decoder.tasks import load_task
 from tiny_decoder.tasks.base import parameter_groups
 from tiny_decoder.tasks.sequence_predictor import SequencePredictor
-from tiny_decoder.train import fit_and_test
 from tiny_decoder.training.pruning import (
     SPARSITY_SCHEDULES,
     MagnitudePruning,

@@ -94,3 +94,12 @@ def interval(low: float | None, high: float | None, low_open: bool = False, high
     left = "(" if low_open or low is None else "["
     right = ")" if high_open or high is None else "]"
     return f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
+
+
+def parse_integers(field: str, text: str, hint: str = "") -> list[int]:
+    """``"1 2 4"`` or ``"1,2,4"`` -> ``[1, 2, 4]``; ConfigError ``<field>='...': expected integers separated by
+    spaces<hint>`` otherwise."""
+    try:
+        return [int(token) for token in str(text).replace(",", " ").split()]
+    except ValueError as error:
+        raise ConfigError(f"{field}={text!r}: expected integers separated by spaces{hint}") from error

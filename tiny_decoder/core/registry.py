@@ -35,6 +35,17 @@ class Registry:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def name_of(self, factory: Callable[..., Any]) -> str:
+        """The name ``factory`` is registered under (a subclass of a registered class: its nearest base's)."""
+        for name, entry in self._entries.items():
+            if entry is factory:
+                return name
+        bases = [name for name, entry in self._entries.items() if isinstance(factory, type) and isinstance(entry, type)
+                 and issubclass(factory, entry)]  # fmt: skip
+        if not bases:
+            raise KeyError(f"{self.field}: {getattr(factory, '__name__', factory)!r} is not registered")
+        return bases[0]
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 

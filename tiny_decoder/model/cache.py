@@ -9,7 +9,7 @@ new token is the number of positions already cached. Two kinds, with the same in
 * :class:`StaticKVCache` keeps the position in a tensor and attention always sees every slot of the buffers,
   the causal mask hiding the unwritten ones (``k_pos > q_pos``). Every decoding step then has the same
   shapes and no Python-side state changes, which is what ``torch.compile`` needs to turn the one-token step
-  into a single graph (``tiny_decoder.generation``).
+  into a single graph (``tiny_decoder.model.generation``).
 
 Buffers are separate tensors per layer (not views of one tensor): a compiled step writes into them in place
 instead of copying a whole stacked buffer. A head-pruned layer gets buffers for its own number of heads.
@@ -74,7 +74,7 @@ class KVCache:
 class StaticKVCache(KVCache):
     """Fixed shapes for compiled decoding: the position is a tensor, attention sees all ``max_length`` slots.
 
-    The caller keeps the sequence within ``max_length`` (``tiny_decoder.generation`` switches to recomputing
+    The caller keeps the sequence within ``max_length`` (``tiny_decoder.model.generation`` switches to recomputing
     the cropped window past the context); ``length`` reads the position back to the host (a sync on GPUs).
     """
 

@@ -89,6 +89,12 @@ def banded_window_attention(
     return out + (values @ weights[..., n_glob:].unsqueeze(-1)).squeeze(-1)
 
 
+def window_mask(inputs: AttentionInputs, window: int, n_global: int) -> torch.Tensor:
+    """Longformer's ``(Tq, Tk)`` visibility: the causal sliding window of ``window`` keys plus the global prefix."""
+    q_pos, k_pos = inputs.q_pos.unsqueeze(1), inputs.k_pos.unsqueeze(0)
+    return inputs.causal_mask & ((k_pos > q_pos - window) | (k_pos < n_global))
+
+
 def masked_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -99,9 +105,7 @@ def masked_window_attention(
     dropout: float,
 ) -> torch.Tensor:
     """Reference: full ``(Tq, Tk)`` scores with the sliding-window + global-prefix mask."""
-    q_pos, k_pos = inputs.q_pos.unsqueeze(1), inputs.k_pos.unsqueeze(0)
-    visible = inputs.causal_mask & ((k_pos > q_pos - window) | (k_pos < n_global))
-    weights = torch.softmax(masked_scores(q, k, inputs, visible), dim=-1)
+    weights = torch.softmax(masked_scores(q, k, inputs, window_mask(inputs, window, n_global)), dim=-1)
     return F.dropout(weights, dropout) @ v
 
 

@@ -4,6 +4,7 @@ Importing this package registers every task in ``TASKS`` so checkpoints can be r
 """
 
 from tiny_decoder.tasks import language_model, sequence_predictor  # noqa: F401
-from tiny_decoder.tasks.base import TASKS, DecoderTask, load_task
+from tiny_decoder.tasks.base import DecoderTask
+from tiny_decoder.tasks.checkpoint import TASKS, load_task
 
 __all__ = ["TASKS", "DecoderTask", "load_task"]

@@ -25,15 +25,13 @@ import lightning as L
 import torch
 from torch import nn
 
-from tiny_decoder.core.registry import Registry
 from tiny_decoder.model import DecoderTransformer, ModelConfig
+from tiny_decoder.tasks.checkpoint import METADATA_KEY, TASKS, metadata
 from tiny_decoder.training.distillation import Distiller
 from tiny_decoder.training.optimizers import clip_gradients, unscales_in_step
 from tiny_decoder.training.pruning import conform_to_state_dict
 from tiny_decoder.training.schedulers import step_schedule
 from tiny_decoder.training.zeroth_order import ZerothOrderOptimizer, configure_zeroth_order
-
-TASKS = Registry("task.name", group="task")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
@@ -57,8 +55,6 @@ def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
 class DecoderTask(L.LightningModule):
     """Owns the model, the optimizer/scheduler wiring and checkpoint metadata."""
 
-    task_name = "base"
-
     def __init__(
         self,
         model: dict[str, Any],
@@ -67,15 +63,23 @@ class DecoderTask(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.model_config = ModelConfig.from_dict(model)
-        self.model = DecoderTransformer(self.model_config)
+        self.model = DecoderTransformer(ModelConfig.from_dict(model))
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.example_input_array = torch.zeros(2, self.model_config.context_length, dtype=torch.long)
+        self.example_input_array = torch.zeros(2, self.model.config.context_length, dtype=torch.long)
         self.distiller: Distiller | None = None  # attached by the KnowledgeDistillation callback while fitting
         # compiled versions of training_loss and forward (compile_steps); None: run them eagerly
         self._compiled_objective: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
         self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def task_name(self) -> str:
+        """This task's name in :data:`TASKS` (what checkpoints and ``task=`` call it)."""
+        return TASKS.name_of(type(self))
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids)
@@ -163,24 +167,7 @@ class DecoderTask(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["tiny_decoder"] = {"task": self.task_name, "model": self.model_config.to_dict()}
+        checkpoint[METADATA_KEY] = metadata(self.task_name)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         conform_to_state_dict(self, checkpoint["state_dict"])  # pruned masks / heads (resume, test of best)
-
-    @property
-    def decoder(self) -> DecoderTransformer:
-        return self.model
-
-
-def load_task(checkpoint_path: str, map_location: str | torch.device = "cpu") -> DecoderTask:
-    """Rebuild a trained task from its checkpoint (loaded with ``weights_only=True``)."""
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    meta = checkpoint.get("tiny_decoder")
-    if meta is None:
-        raise ValueError(f"{checkpoint_path} is not a tiny_decoder checkpoint (no 'tiny_decoder' metadata)")
-    task_cls = TASKS.get(meta["task"])
-    task = task_cls(**checkpoint["hyper_parameters"])
-    conform_to_state_dict(task, checkpoint["state_dict"])
-    task.load_state_dict(checkpoint["state_dict"])
-    return task.eval()

@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import MeanMetric
 
 from tiny_decoder.data import tokenizer as tokenizer_lib
-from tiny_decoder.generation import generate
-from tiny_decoder.tasks.base import TASKS, DecoderTask, OptimizerFactory, SchedulerFactory
+from tiny_decoder.model.generation import generate
+from tiny_decoder.tasks.base import DecoderTask, OptimizerFactory, SchedulerFactory
+from tiny_decoder.tasks.checkpoint import TASKS
 from tiny_decoder.training.losses import next_token_cross_entropy
 
 DEFAULT_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "The cat")
@@ -68,8 +69,6 @@ class LanguageModelMetrics(nn.Module):
 @TASKS.register("lm")
 class LanguageModel(DecoderTask):
     """Next-token prediction over a BPE vocabulary; the tokenizer travels in the checkpoint."""
-
-    task_name = "lm"
 
     def __init__(
         self,
@@ -189,7 +188,7 @@ class LanguageModel(DecoderTask):
         compile: bool = False,
     ) -> list[str]:
         """``num_samples`` continuations of ``prompt`` (cached decoding, stopping at ``<|endoftext|>``;
-        ``compile``: the compiled decoding step of :func:`tiny_decoder.generation.generate`)."""
+        ``compile``: the compiled decoding step of :func:`tiny_decoder.model.generation.generate`)."""
         ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give prompt=TEXT (this model does not start from <|endoftext|>)")

@@ -11,8 +11,10 @@ from typing import Any
 
 import torch
 
-from tiny_decoder.generation import generate
-from tiny_decoder.tasks.base import TASKS, DecoderTask, OptimizerFactory, SchedulerFactory
+from tiny_decoder.core.checks import parse_integers
+from tiny_decoder.model.generation import generate
+from tiny_decoder.tasks.base import DecoderTask, OptimizerFactory, SchedulerFactory
+from tiny_decoder.tasks.checkpoint import TASKS
 from tiny_decoder.training.losses import DISTANCE_WEIGHTINGS, PREDICTIONS, distance_weighted_cross_entropy
 from tiny_decoder.training.metrics import SequenceMetrics
 
@@ -30,8 +32,6 @@ DEFAULT_PROMPTS = (
 @TASKS.register("sequence")
 class SequencePredictor(DecoderTask):
     """Next-number prediction over integers 0..255 with the distance-weighted loss."""
-
-    task_name = "sequence"
 
     def __init__(
         self,
@@ -120,10 +120,7 @@ class SequencePredictor(DecoderTask):
 
 def parse_numbers(text: str, max_value: int) -> list[int]:
     """``"1 2 4"`` or ``"1,2,4"`` -> ``[1, 2, 4]``, each checked to lie in ``[0, max_value]``."""
-    try:
-        numbers = [int(token) for token in text.replace(",", " ").split()]
-    except ValueError as error:
-        raise ValueError(f"sequence={text!r}: expected integers separated by spaces") from error
+    numbers = parse_integers("sequence", text)
     if not numbers or any(not 0 <= n <= max_value for n in numbers):
         raise ValueError(f"sequence={text!r}: needs at least one number, each in [0, {max_value}]")
     return numbers

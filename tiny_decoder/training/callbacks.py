@@ -32,6 +32,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
+from tiny_decoder.core.checks import check_int
 from tiny_decoder.core.errors import RunFailure
 from tiny_decoder.core.seeds import mix_seed
 
@@ -42,20 +43,29 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------
 
 
+class EveryNValidations:
+    """Counts the validations a callback sees and says which ones are its turn: the 1st, N+1th, 2N+1th..."""
+
+    def __init__(self, every_n_validations: int, field: str = "every_n_validations"):
+        self.every_n_validations = check_int(field, every_n_validations, 1)
+        self.count = 0
+
+    def turn(self) -> bool:
+        """Count one validation; True when it is one to act on."""
+        self.count += 1
+        return (self.count - 1) % self.every_n_validations == 0
+
+
 class SampleLogger(L.Callback):
     """Logs ``pl_module.sample_texts()`` at each validation end (on rank zero, not while sanity checking)."""
 
     def __init__(self, every_n_validations: int = 1, print_samples: bool = True):
-        self.every_n_validations = every_n_validations
+        self.schedule = EveryNValidations(every_n_validations, "callbacks.samples.every_n_validations")
         self.print_samples = print_samples
-        self._validations = 0
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(pl_module, "sample_texts"):
-            return
-        self._validations += 1
-        if (self._validations - 1) % self.every_n_validations:
+        if trainer.sanity_checking or not hasattr(pl_module, "sample_texts") or not self.schedule.turn():
             return
         samples = pl_module.sample_texts()
         if self.print_samples:
@@ -89,9 +99,8 @@ class AttentionMapLogger(L.Callback):
 
     def __init__(self, dirpath: str | Path, every_n_validations: int = 1, max_tokens: int = 32):
         self.dirpath = Path(dirpath)
-        self.every_n_validations = every_n_validations
+        self.schedule = EveryNValidations(every_n_validations, "callbacks.attention_maps.every_n_validations")
         self.max_tokens = max_tokens
-        self._validations = 0
         self._ids: torch.Tensor | None = None
         self._disabled = False
 
@@ -104,17 +113,14 @@ class AttentionMapLogger(L.Callback):
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = [logger for logger in trainer.loggers if isinstance(logger, IMAGE_LOGGERS)]
-        if trainer.sanity_checking or self._disabled or self._ids is None or not loggers:
-            return
-        self._validations += 1
-        if (self._validations - 1) % self.every_n_validations:
+        if trainer.sanity_checking or self._disabled or self._ids is None or not loggers or not self.schedule.turn():
             return
         path = self.draw(pl_module, trainer.global_step)
         for logger in loggers:
             log_image(logger, path, trainer.global_step)
 
     def draw(self, pl_module: L.LightningModule, step: int) -> Path | None:
-        from tiny_decoder.inspect import attention_weights, save_attention_png  # matplotlib: only when used
+        from tiny_decoder.analysis.attention_maps import attention_weights, save_attention_png  # matplotlib
 
         try:
             model = copy.deepcopy(pl_module.model).cpu().eval()  # the live model keeps its mode and device
@@ -130,7 +136,7 @@ class AttentionMapLogger(L.Callback):
 
 def token_labels(pl_module: L.LightningModule, ids: list[int]) -> list[str]:
     """Token texts when the task has a tokenizer (language model), else the ids (numbers)."""
-    from tiny_decoder.inspect import token_label, tokenizer_of
+    from tiny_decoder.analysis.attention_maps import token_label, tokenizer_of
 
     tokenizer = tokenizer_of(pl_module)
     return [token_label(tokenizer, i) for i in ids] if tokenizer is not None else [str(i) for i in ids]

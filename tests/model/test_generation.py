@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from tiny_decoder.generation import filter_top_k, filter_top_p, generate, select_next_token
 from tiny_decoder.model import DecoderTransformer, ModelConfig
+from tiny_decoder.model.generation import filter_top_k, filter_top_p, generate, select_next_token
 
 DRAWS = 4000
 

@@ -1,4 +1,4 @@
-"""``python -m tiny_decoder.inspect +experiment=NAME [input="1 2 4 7"] [attention_png=attn.png] [ckpt=PATH]``.
+"""``python -m tiny_decoder.summary +experiment=NAME [input="1 2 4 7"] [attention_png=attn.png] [ckpt=PATH]``.
 
 Builds the configured model (its config exactly as ``train.py`` builds it, or the trained model of
 ``ckpt=`` via :func:`~tiny_decoder.tasks.load_task`), runs one forward pass with a forward hook on every
@@ -13,44 +13,49 @@ Input: ``input=`` is encoded with the tokenizer when the task (``ckpt=``) or the
 records its own weights; ``sdpa`` is the same function, so the model is rebuilt with ``attention.name=
 standard`` and the same state dict; ``longformer``'s weights are recomputed from its queries and keys with
 its sliding-window mask (exactly what its ``masked`` implementation uses); ``linformer`` is refused: its
-queries attend to learned summaries that mix many positions, so it has no per-position softmax weights.
+queries attend to learned summaries that mix many positions, so it has no per-position softmax weights
+(``tiny_decoder.analysis.attention_maps``, which the ``AttentionMapLogger`` callback uses too).
+
+This tool was ``tiny_decoder.inspect`` until it was renamed: a module named ``inspect`` shadows the standard
+library's whenever the package folder is on ``sys.path``.
 """
 
 from __future__ import annotations
 
-import math
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from hydra.utils import instantiate
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from tiny_decoder.cli import run_cli
+from tiny_decoder.analysis.attention_maps import (
+    WEIGHT_NOTES,
+    attention_weights,
+    save_attention_png,
+    token_label,
+    tokenizer_of,
+)
+from tiny_decoder.cli import hydra_tool
+from tiny_decoder.core.checks import parse_integers
 from tiny_decoder.model import DecoderTransformer, ModelConfig
-from tiny_decoder.model.attention import masked_scores
-from tiny_decoder.model.positional import AttentionInputs
-from tiny_decoder.train import build_model_config
+from tiny_decoder.run.config_checks import build_model_config
+from tiny_decoder.tasks import load_task
 
 ROOT_NAME = "(model)"
-MAX_TICK_LABEL = 8
 MAX_TITLE = 100
-MAX_TICKS = 16
 PIPED_WIDTH = 160
 
 
 @dataclass
-class Inspection:
+class ModelSummary:
     """What ``inspect`` computed: the table rows, the input tokens and the attention weights it drew."""
 
     rows: list[dict[str, Any]]
@@ -69,22 +74,12 @@ class Inspection:
 def build_model(cfg: DictConfig) -> tuple[DecoderTransformer, Any]:
     """The model (fresh, seeded init; or the checkpoint's) and the source of a tokenizer (task or data)."""
     if cfg.get("ckpt"):
-        from tiny_decoder.tasks import load_task  # registers every task
-
         task = load_task(str(cfg.ckpt))
         return task.model.eval(), task if tokenizer_of(task) is not None else None
     datamodule = instantiate(cfg.data, _convert_="all")
     torch.manual_seed(int(cfg.seed))
     model = DecoderTransformer(ModelConfig.from_dict(build_model_config(cfg, datamodule)))
     return model.eval(), datamodule
-
-
-def tokenizer_of(source: Any) -> Any | None:
-    """``source.tokenizer``, or None when it has none (a task's property may raise until it gets one)."""
-    try:
-        return getattr(source, "tokenizer", None)
-    except (ValueError, RuntimeError):
-        return None
 
 
 def find_tokenizer(source: Any, cfg: DictConfig) -> Any | None:
@@ -104,18 +99,9 @@ def encode(tokenizer: Any, text: str) -> tuple[list[int], list[str]]:
     return ids, [token_label(tokenizer, i) for i in ids]
 
 
-def token_label(tokenizer: Any, token_id: int) -> str:
-    """The text of one token (spaces shown as ``·``), or its id when the tokenizer cannot decode it alone."""
-    text = tokenizer.decode([token_id]) if hasattr(tokenizer, "decode") else ""
-    return text.replace(" ", "·").replace("\n", "\\n") or str(token_id)
-
-
-def parse_integers(text: str) -> tuple[list[int], list[str]]:
-    try:
-        ids = [int(token) for token in text.replace(",", " ").split()]
-    except ValueError as error:
-        message = f"input={text!r}: expected integers separated by spaces (this task has no tokenizer)"
-        raise ValueError(message) from error
+def integer_tokens(text: str) -> tuple[list[int], list[str]]:
+    """Token ids typed as numbers (a task without a tokenizer) and their labels."""
+    ids = parse_integers("input", text, " (this task has no tokenizer)")
     return ids, [str(i) for i in ids]
 
 
@@ -136,7 +122,7 @@ def input_ids(cfg: DictConfig, config: ModelConfig, tokenizer_source: Any) -> tu
         return ids, [str(i) for i in ids[0].tolist()]
     text = str(cfg.input)
     tokenizer = find_tokenizer(tokenizer_source, cfg)
-    ids, tokens = encode(tokenizer, text) if tokenizer is not None else parse_integers(text)
+    ids, tokens = encode(tokenizer, text) if tokenizer is not None else integer_tokens(text)
     check_ids(ids, config, text)
     return torch.tensor([ids], dtype=torch.long), tokens
 
@@ -261,125 +247,6 @@ def render_table(rows: list[dict[str, Any]], title: str) -> Table:
 # --------------------------------------------------------------------------------------------------------
 
 
-def attention_modules(model: DecoderTransformer) -> list[nn.Module]:
-    return [block.attn for block in model.blocks]
-
-
-def standard_weights(model: DecoderTransformer, ids: torch.Tensor) -> torch.Tensor:
-    """``(layers, heads, T, T)`` softmax weights recorded by every ``StandardAttention`` of one forward."""
-    modules = attention_modules(model)
-    for module in modules:
-        module.record_weights = True
-    try:
-        with torch.no_grad():
-            model(ids)
-        return torch.stack([module.last_weights[0] for module in modules])
-    finally:
-        for module in modules:
-            module.record_weights, module.last_weights = False, None
-
-
-def as_standard_weights(model: DecoderTransformer, ids: torch.Tensor) -> torch.Tensor:
-    """The same model with ``attention.name=standard`` and the same state dict (same function as sdpa)."""
-    config = ModelConfig.from_dict({**model.config.to_dict(), "attention": {"name": "standard"}})
-    standard = DecoderTransformer(config)
-    standard.load_state_dict(model.state_dict())
-    return standard_weights(standard.eval(), ids)
-
-
-def window_visible(module: nn.Module, inputs: AttentionInputs) -> torch.Tensor:
-    """Longformer's ``(Tq, Tk)`` visibility: causal sliding window plus the global prefix."""
-    q_pos, k_pos = inputs.q_pos.unsqueeze(1), inputs.k_pos.unsqueeze(0)
-    return inputs.causal_mask & ((k_pos > q_pos - module.window) | (k_pos < module.n_global))
-
-
-@contextmanager
-def recomputed_weights(
-    modules: Sequence[nn.Module], visible: Callable[[nn.Module, AttentionInputs], torch.Tensor]
-) -> Iterator[list[torch.Tensor]]:
-    """Wrap each module's ``attend`` so it also records ``softmax(masked_scores)`` under ``visible``."""
-    records: list[torch.Tensor] = []
-
-    def wrap(module: nn.Module) -> Callable[..., torch.Tensor]:
-        original = module.attend
-
-        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
-            scores = masked_scores(q, k, inputs, visible(module, inputs))
-            records.append(torch.softmax(scores, dim=-1).detach())
-            return original(q, k, v, inputs)
-
-        return attend
-
-    for module in modules:
-        module.attend = wrap(module)
-    try:
-        yield records
-    finally:
-        for module in modules:
-            del module.attend
-
-
-def longformer_weights(model: DecoderTransformer, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad(), recomputed_weights(attention_modules(model), window_visible) as records:
-        model(ids)
-    return torch.stack([weights[0] for weights in records])
-
-
-WEIGHT_SOURCES: dict[str, Callable[[DecoderTransformer, torch.Tensor], torch.Tensor]] = {
-    "standard": standard_weights,
-    "sdpa": as_standard_weights,
-    "longformer": longformer_weights,
-}
-WEIGHT_NOTES = {
-    "sdpa": "attention=sdpa: weights recorded by the same model rebuilt with attention=standard (same function)",
-    "longformer": "attention=longformer: its own sliding-window weights (zero outside the window of each query), "
-    "not standard attention's",
-}
-NO_WEIGHTS = {
-    "linformer": "attention=linformer has no per-position attention map: each query attends to its own block "
-    "and to k learned summaries that each mix every earlier position (through the projections E, F), so its "
-    "weights are not a distribution over input tokens; draw the map with attention=standard, sdpa or longformer",
-}
-
-
-def attention_weights(model: DecoderTransformer, ids: torch.Tensor) -> torch.Tensor:
-    """``(layers, heads, T, T)`` attention weights of batch element 0, for the attentions that have them."""
-    name = model.config.attention["name"]
-    if name not in WEIGHT_SOURCES:
-        raise ValueError(NO_WEIGHTS.get(name, f"attention={name}: no attention map for this attention type"))
-    return WEIGHT_SOURCES[name](model, ids)
-
-
-def _short(label: str) -> str:
-    return label if len(label) <= MAX_TICK_LABEL else label[: MAX_TICK_LABEL - 1] + "~"
-
-
-def save_attention_png(weights: torch.Tensor, tokens: list[str], path: Path, title: str) -> Path:
-    """A ``layers x heads`` grid of heatmaps (query rows, key columns, both labelled by the input tokens)."""
-    layers, heads, length, _ = weights.shape
-    panel = min(2.4 + 0.02 * length, 5.0)
-    figure = Figure(figsize=(2.2 + (panel + 0.2) * heads, 0.6 + panel * layers), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(layers, heads, squeeze=False)
-    step = math.ceil(length / MAX_TICKS)  # long inputs: label every step-th token
-    ticks = list(range(0, length, step))
-    labels = [_short(tokens[i]) for i in ticks]
-    image = None
-    for (layer, head), ax in zip(((i, j) for i in range(layers) for j in range(heads)), axes.flat, strict=True):
-        image = ax.imshow(weights[layer, head].float().numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-        ax.set_title(f"layer {layer}, head {head}", fontsize=9)
-        ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
-        ax.set_yticks(ticks, labels, fontsize=7)
-        ax.set_xlabel("key", fontsize=8)
-        ax.set_ylabel("query", fontsize=8)
-    figure.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
-    figure.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
-
-
 # --------------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------------
@@ -391,34 +258,31 @@ def default_console() -> Console:
     return console if console.is_terminal else Console(width=PIPED_WIDTH)
 
 
-def run_inspect(cfg: DictConfig, console: Console | None = None) -> Inspection:
+def run_summary(cfg: DictConfig, console: Console | None = None) -> ModelSummary:
     console = console or default_console()
     model, tokenizer_source = build_model(cfg)
     ids, tokens = input_ids(cfg, model.config, tokenizer_source)
     rows = inspect_model(model, ids)
     console.print(render_table(rows, f"{type(model).__name__}: one forward pass of {tuple(ids.shape)} token ids"))
     console.print(f"total parameters: {model.num_parameters():,}")
-    inspection = Inspection(rows=rows, tokens=tokens, ids=ids)
+    summary = ModelSummary(rows=rows, tokens=tokens, ids=ids)
     if cfg.get("attention_png"):
-        draw_attention(model, inspection, Path(str(cfg.attention_png)), console)
-    return inspection
+        draw_attention(model, summary, Path(str(cfg.attention_png)), console)
+    return summary
 
 
-def draw_attention(model: DecoderTransformer, inspection: Inspection, path: Path, console: Console) -> None:
+def draw_attention(model: DecoderTransformer, summary: ModelSummary, path: Path, console: Console) -> None:
     name = model.config.attention["name"]
-    inspection.attention = attention_weights(model, inspection.ids)
+    summary.attention = attention_weights(model, summary.ids)
     if name in WEIGHT_NOTES:
-        inspection.notes.append(WEIGHT_NOTES[name])
+        summary.notes.append(WEIGHT_NOTES[name])
         console.print(f"note: {WEIGHT_NOTES[name]}")
-    title = textwrap.shorten(f"attention={name}: " + " ".join(inspection.tokens), width=MAX_TITLE, placeholder=" ...")
-    inspection.attention_png = save_attention_png(inspection.attention, inspection.tokens, path, title)
-    console.print(f"attention maps written to {inspection.attention_png}")
+    title = textwrap.shorten(f"attention={name}: " + " ".join(summary.tokens), width=MAX_TITLE, placeholder=" ...")
+    summary.attention_png = save_attention_png(summary.attention, summary.tokens, path, title)
+    console.print(f"attention maps written to {summary.attention_png}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="inspect")
-def main(cfg: DictConfig) -> None:
-    run_cli(run_inspect, cfg)
-
+main = hydra_tool("summary", run_summary, config_name="inspect")
 
 if __name__ == "__main__":
     main()

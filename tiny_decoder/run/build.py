@@ -1,0 +1,73 @@
+"""Building a run from its config: seed, data module, model config (checked against the data), task, resume
+checkpoint, callbacks, loggers and trainer (``build_run``), so ``fit`` and the benchmarks start from the same
+objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tiny_decoder.run.config_checks import build_model_config, validate_config
+from tiny_decoder.run.resume import continue_checkpoints_in, resolve_resume
+
+
+def instantiate_named(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` group (callbacks, loggers); skip nulls."""
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
+
+
+@dataclass
+class Run:
+    """What ``train(cfg)`` builds before fitting (also used by ``benchmarks/training.py``)."""
+
+    datamodule: L.LightningDataModule
+    task: L.LightningModule
+    trainer: L.Trainer
+    ckpt_path: str | None  # the checkpoint to resume from
+
+
+def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Run:
+    """Seed, then data module, task (compiled under ``compile=true``), resume checkpoint and trainer; checks the
+    configuration before anything is trained. ``cfg`` may be updated (a resumed run's checkpoint folder)."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
+    validate_config(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model_config = build_model_config(cfg, datamodule)
+    task = instantiate(
+        cfg.task,
+        model=model_config,
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        _convert_="all",
+    )
+    if cfg.get("compile"):
+        task.compile_steps(**compile_options(cfg))
+    ckpt_path = resolve_resume(cfg, model_config, getattr(task, "task_name", None))
+    if ckpt_path:
+        continue_checkpoints_in(cfg, ckpt_path)
+    callbacks = [*instantiate_named(cfg.get("callbacks")), *extra_callbacks]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=instantiate_named(cfg.get("logger")), **trainer_overrides(cfg)
+    )
+    return Run(datamodule, task, trainer, ckpt_path)
+
+
+def compile_options(cfg: DictConfig) -> dict[str, Any]:
+    """``torch.compile`` keyword arguments from ``compile_options`` (null entries: torch's defaults)."""
+    options = OmegaConf.to_container(cfg.get("compile_options") or {}, resolve=True)
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def trainer_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """Top-level shortcuts for Trainer arguments: ``precision=bf16-mixed`` sets ``trainer.precision``."""
+    return {} if cfg.get("precision") is None else {"precision": cfg.precision}

@@ -1,0 +1,76 @@
+"""Checks of a training config before anything is built: the training options' ranges (one table,
+checked with ``core.checks``), and the model against its data (context, vocabulary), all as ``ConfigError``s
+that name the field and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from tiny_decoder.core.checks import check, is_betas, is_bool, is_count, is_non_negative, is_positive
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.model.config import ModelConfig
+from tiny_decoder.model.validation import validate_model_config
+
+# Lightning's precision values (its legacy spellings 64, 32, 16, "bf16" included)
+PRECISIONS = ("64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "transformer-engine",
+              "transformer-engine-float16", "64", "32", "16", "bf16")  # fmt: skip
+
+
+def is_precision(value: Any) -> bool:
+    return str(value) in PRECISIONS
+
+
+# (config key, check, what it must be): checked when the key exists and is not null
+RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("optimizer.lr", is_positive, "a positive number"),
+    ("optimizer.weight_decay", is_non_negative, ">= 0"),
+    ("optimizer.eps", is_positive, "a positive number"),
+    ("optimizer.betas", is_betas, "two numbers in [0, 1)"),
+    ("scheduler.warmup_steps", is_count, "an integer >= 0"),
+    ("scheduler.min_lr", is_non_negative, ">= 0"),
+    ("trainer.gradient_clip_val", is_non_negative, ">= 0 (or null: no clipping)"),
+    ("compile", is_bool, "true or false"),
+    ("precision", is_precision, f"one of {', '.join(PRECISIONS[:6])} (or null: trainer.precision)"),
+    ("trainer.precision", is_precision, f"one of {', '.join(PRECISIONS[:6])}"),
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first out-of-range training option (the model checks its own)."""
+    for key, predicate, wanted in RANGE_CHECKS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, (DictConfig, Mapping)) or value is None:
+            continue
+        check(key, OmegaConf.to_object(value) if OmegaConf.is_config(value) else value, predicate, wanted)
+
+
+def build_model_config(cfg: DictConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """The resolved model config with ``vocab_size`` / ``context_length`` taken from the data when null;
+    fails when the data does not fit the model (longer sequences than its positions, more token ids)."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    for field in ("vocab_size", "context_length"):
+        if model.get(field) is None:
+            model[field] = int(getattr(datamodule, field))
+    config = validate_model_config(ModelConfig.from_dict(model))
+    check_fits_data(config, datamodule)
+    return config.to_dict()
+
+
+def check_fits_data(config: ModelConfig, datamodule: Any) -> None:
+    context = getattr(datamodule, "context_length", None)
+    if context is not None and int(context) > config.context_length:
+        raise ConfigError(
+            f"the data's sequences ({context} tokens) are longer than the model's context / positional table "
+            f"(model.context_length={config.context_length}); raise model.context_length (or set it to null) or "
+            "shorten the data (data.seq_len / data.context_length)"
+        )
+    vocab = getattr(datamodule, "vocab_size", None)
+    if vocab is not None and int(vocab) > config.vocab_size:
+        raise ConfigError(
+            f"the data has {vocab} token ids but model.vocab_size={config.vocab_size}; raise model.vocab_size "
+            "(or set it to null)"
+        )

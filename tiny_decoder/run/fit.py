@@ -1,0 +1,145 @@
+"""Fitting one run and recording its outcome: ``fit_and_test`` (fit, restore the best checkpoint, test, write
+``results.json``) and ``train(cfg)``, the plain function the ``train`` tool and the sweepers call: it returns
+the configured metric, writes ``error.txt`` for a failure (a multirun goes on with NaN for that job) and
+always closes the W&B run."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+
+from tiny_decoder.core.errors import one_line, user_error
+from tiny_decoder.run.build import build_run
+from tiny_decoder.run.run_dir import RunDir
+from tiny_decoder.training.callbacks import interrupted_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves behind (also written to ``results.json``)."""
+
+    trainer: L.Trainer
+    task: L.LightningModule
+    results: dict[str, Any]
+    metric: float | None
+
+
+def fit_and_test(cfg: DictConfig) -> RunResult:
+    """Fit, restore the best checkpoint, test. The task ends holding the best weights."""
+    started = time.perf_counter()
+    cfg = copy.deepcopy(cfg)
+    run = build_run(cfg)
+    datamodule, task, trainer = run.datamodule, run.task, run.trainer
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    _fit(trainer, task, datamodule, run.ckpt_path)
+    fit_metrics = _scalars(trainer.callback_metrics)
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint else ""
+    test_metrics: dict[str, float] = {}
+    if cfg.test:
+        # the best checkpoint's weights go into the task (EarlyStopping alone would leave the last ones)
+        best = best_path or None
+        test_metrics = _scalars(trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)[0])
+    results = {
+        "val": fit_metrics,
+        "test": test_metrics,
+        "best_checkpoint": best_path,
+        "best_score": float(checkpoint.best_model_score) if best_path and checkpoint.best_model_score else None,
+        "global_step": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "parameters": task.model.num_parameters(),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "torch_threads": torch.get_num_threads(),
+        "resumed_from": run.ckpt_path,
+    }
+    _write_results(cfg, trainer, results)
+    metric = fit_metrics.get(cfg.optimized_metric)
+    if checkpoint and checkpoint.monitor == cfg.optimized_metric and results["best_score"] is not None:
+        metric = results["best_score"]
+    return RunResult(trainer, task, results, metric)
+
+
+def _fit(trainer: L.Trainer, task: L.LightningModule, datamodule: Any, ckpt_path: str | None) -> None:
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException as stop:  # SIGTERM / Ctrl+C: last.ckpt saved by SignalCheckpoint
+        raise interrupted_error(trainer) from stop
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and _is_scalar(v)}
+
+
+def _is_scalar(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) or value.numel() == 1
+
+
+def _write_results(cfg: DictConfig, trainer: L.Trainer, results: dict[str, Any]) -> None:
+    if trainer.is_global_zero:
+        log.info("results written to %s", RunDir(Path(cfg.paths.output_dir)).write_results(results))
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Run one experiment; return ``cfg.optimized_metric`` (for multirun sweeps).
+
+    A failure is written to ``<output_dir>/error.txt``; in a Hydra multirun it is logged and NaN is returned
+    (the sweep goes on), otherwise it is raised. The W&B run, if any, is always finished.
+    """
+    run_dir = RunDir(_output_dir(cfg))
+    run_dir.clear_error(rank_zero_only.rank)
+    failed = True
+    try:
+        metric = fit_and_test(cfg).metric
+        failed = False
+        return metric
+    except Exception as error:
+        path = record_failure(run_dir, error)
+        if not in_multirun():
+            raise
+        log.error("job failed: %s (details in %s)", one_line(user_error(error) or error), path)
+        return math.nan
+    finally:
+        finish_wandb(failed)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    try:
+        return Path(str(cfg.paths.output_dir))
+    except Exception:  # an unresolvable paths node: record the failure where the command runs
+        return Path.cwd()
+
+
+def record_failure(run_dir: RunDir, error: BaseException) -> Path:
+    """``error.txt``: the traceback, then ``<ExceptionType>: <message>`` of the user-level cause as last line."""
+    cause = user_error(error) or error
+    text = "".join(traceback.format_exception(error)) + f"\n{type(cause).__name__}: {one_line(cause)}\n"
+    return run_dir.write_error(text, rank_zero_only.rank)
+
+
+def finish_wandb(failed: bool) -> None:
+    """Close the W&B run of this process, if one was started (a multirun job must not leak into the next)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)

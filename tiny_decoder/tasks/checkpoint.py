@@ -1,0 +1,115 @@
+"""Checkpoints, in one place: the task registry, the metadata a task writes into every checkpoint, reading a
+checkpoint (always ``weights_only=True``), checking it against a config, and rebuilding the task it holds.
+
+A checkpoint is Lightning's dict plus ``checkpoint["tiny_decoder"] = {"format": 2, "task": NAME}``; the model
+config lives once, in ``hyper_parameters["model"]`` (what rebuilds the task). Format 1 (before the one-way
+layout) also kept a second copy in ``tiny_decoder.model``; those checkpoints still load
+(``tests/fixtures/v1_*.ckpt``). Every way a checkpoint can be unusable — missing, truncated, corrupt, not this
+project's, another task or model — is a :class:`CheckpointError` whose message names the field it came from
+(``ckpt=``, ``resume=``, ``distillation.teacher_ckpt=``) and the fix.
+
+The task modules register their classes in :data:`TASKS`; importing ``tiny_decoder.tasks`` registers them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tiny_decoder.core.errors import CheckpointError
+from tiny_decoder.core.registry import Registry
+from tiny_decoder.model.config import ModelConfig
+from tiny_decoder.training.pruning import conform_to_state_dict
+
+TASKS = Registry("task.name", group="task")
+METADATA_KEY = "tiny_decoder"
+FORMAT = 2
+
+
+def metadata(task_name: str) -> dict[str, Any]:
+    """What a task adds to each checkpoint it saves (``checkpoint[METADATA_KEY]``)."""
+    return {"format": FORMAT, "task": task_name}
+
+
+def read_checkpoint(path: str | Path, field: str = "ckpt", map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint dict at ``path``; CheckpointError when it is missing, unreadable or not this project's."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{field}={path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a damaged file: all mean the same to a user
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{field}={path}: cannot read this checkpoint ({reason}); it is truncated, corrupt or not a "
+            "Lightning checkpoint"
+        ) from error
+    meta = checkpoint.get(METADATA_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or "task" not in meta or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"{field}={path}: not a tiny_decoder training checkpoint (no 'tiny_decoder' metadata)")
+    return checkpoint
+
+
+def task_name(checkpoint: Mapping[str, Any]) -> str:
+    return str(checkpoint[METADATA_KEY]["task"])
+
+
+def stored_model_config(checkpoint: Mapping[str, Any]) -> ModelConfig:
+    """The model config the checkpoint was trained with (options added since then get their defaults)."""
+    return ModelConfig.from_dict(checkpoint["hyper_parameters"]["model"])
+
+
+def model_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """``model.<field>: <stored> in the checkpoint, <current> here`` for each field that differs."""
+    theirs, ours = _flatten(stored), _flatten(current)
+    missing = "(unset)"
+    return [
+        f"{key}: {theirs.get(key, missing)} in the checkpoint, {ours.get(key, missing)} here"
+        for key in sorted(set(theirs) | set(ours))
+        if theirs.get(key, missing) != ours.get(key, missing)
+    ]
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}"
+        flat.update(_flatten(value, name) if isinstance(value, Mapping) else {name: value})
+    return flat
+
+
+def check_checkpoint(
+    path: str | Path,
+    model_config: Mapping[str, Any] | None = None,
+    task: str | None = None,
+    field: str = "resume",
+) -> dict[str, Any]:
+    """The checkpoint at ``path``, after checking it holds ``task`` (a TASKS name) and the model ``model_config``
+    describes; a CheckpointError naming ``field`` and the first differences otherwise."""
+    checkpoint = read_checkpoint(path, field)
+    if task is not None and task_name(checkpoint) != task:
+        raise CheckpointError(
+            f"{field}={path}: a checkpoint of task {task_name(checkpoint)!r}, this run trains {task!r}"
+        )
+    stored = stored_model_config(checkpoint).to_dict()
+    differences = model_differences(stored, model_config) if model_config is not None else []
+    if differences:
+        shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+        raise CheckpointError(
+            f"{field}={path}: the checkpoint's model differs from this config: {shown} (use the same "
+            "model options, or start a fresh run)"
+        )
+    return checkpoint
+
+
+def load_task(path: str | Path, map_location: Any = "cpu", field: str = "ckpt") -> Any:
+    """Rebuild the trained task (a ``DecoderTask``) of the checkpoint at ``path``, in eval mode; pruned models
+    (masks, removed heads) are shaped like the one that was saved before the weights load."""
+    checkpoint = read_checkpoint(path, field, map_location)
+    task_cls = TASKS.get(task_name(checkpoint))
+    task = task_cls(**checkpoint["hyper_parameters"])
+    conform_to_state_dict(task, checkpoint["state_dict"])
+    task.load_state_dict(checkpoint["state_dict"])
+    return task.eval()
