@@ -23,7 +23,7 @@ from tests.helpers import CONF_DIR
 
 LM_RECIPES = ["shakespeare_char", "stories15m", "stories260k", "stories_tiny"]
 SEQUENCE_RECIPES = ["sequence_ablation", "sequence_fd", "sequence_seed", "sequence_strong"]
-TOOLS = ["generate", "evaluate", "estimate", "inspect"]
+TOOLS = ["generate", "evaluate", "estimate", "summary"]
 
 # root keys of conf/train.yaml and values that differ from theirs
 ROOT_KEYS: dict[str, Any] = {"seed": 7, "test": False, "compile": True, "optimized_metric": "val/accuracy"}

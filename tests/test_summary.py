@@ -33,7 +33,7 @@ def summary_config(compose_config: Callable[..., DictConfig]) -> Callable[..., D
     """The real configs: the seed experiment with the small model (d_model 64, 4 heads, 3 layers)."""
 
     def _compose(*overrides: str) -> DictConfig:
-        return compose_config("+experiment=sequence_seed", "model=seq_small", *overrides, config_name="inspect")
+        return compose_config("+experiment=sequence_seed", "model=seq_small", *overrides, config_name="summary")
 
     return _compose
 

@@ -282,7 +282,7 @@ def draw_attention(model: DecoderTransformer, summary: ModelSummary, path: Path,
     console.print(f"attention maps written to {summary.attention_png}")
 
 
-main = hydra_tool("summary", run_summary, config_name="inspect")
+main = hydra_tool("summary", run_summary)
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,10 @@ from tests.helpers import tiny_sequence_overrides
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model import ModelConfig
 from tiny_decoder.run.fit import fit_and_test
+from tiny_decoder.tasks.callbacks import KnowledgeDistillation, check_teacher
 from tiny_decoder.tasks.language_model import LanguageModel
 from tiny_decoder.tasks.sequence_predictor import SequencePredictor
-from tiny_decoder.training.distillation import Distiller, KnowledgeDistillation, check_teacher, kd_loss
+from tiny_decoder.training.distillation import Distiller, kd_loss
 from tiny_decoder.training.losses import distance_weighted_cross_entropy, next_token_cross_entropy
 
 TINY = dict(vocab_size=32, context_length=8, d_model=16, n_layers=2, n_heads=2, d_ff=32)
