@@ -1,4 +1,4 @@
-"""Tests for ``tiny_decoder.evaluate``: the table / JSON output, the sequence task's ``evaluate_cli``, and an
+"""Tests for ``tiny_decoder.evaluate``: the table / JSON output, the sequence task's ``evaluate_outputs``, and an
 end-to-end command-line run of the language model (train -> generate -> evaluate) in subprocesses."""
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ exits with code 1 when there are any (the other jobs ran to the end).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from hydra.errors import (
     OverrideParseException,
 )
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
@@ -40,6 +41,7 @@ from tiny_decoder.core.errors import one_line, user_error, user_error_types
 from tiny_decoder.run.run_dir import failed_runs
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 USER_ERROR_EXIT_CODE = 2
 
@@ -108,6 +110,14 @@ def hydra_tool(name: str, function: Callable[[DictConfig], Any], config_name: st
 
     entry.__doc__ = f"``python -m tiny_decoder.{name}``: {function.__name__}(cfg) on conf/{config_name or name}.yaml"
     return entry
+
+
+def typed_request(cfg: DictConfig, request_type: type[R], **values: Any) -> R:
+    """``request_type`` (a dataclass of a task's typed options) from the tool config's fields of the same names;
+    ``values`` set the rest. A task never sees the tool's DictConfig."""
+    options = {f.name: cfg.get(f.name) for f in dataclasses.fields(request_type) if f.name in cfg}  # type: ignore[arg-type]
+    options = {name: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for name, v in options.items()}
+    return request_type(**{**{k: v for k, v in options.items() if v is not None}, **values})
 
 
 class FailedJobs(Callback):

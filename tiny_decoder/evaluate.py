@@ -3,8 +3,8 @@
 Language model: loss, perplexity and bits per byte on each split given in ``data.files`` (tokenized with
 the tokenizer stored in the checkpoint), and LAMBADA last-word accuracy / loss with ``lambada=PATH``.
 Sequence predictor: accuracy, acc_last, mean absolute distance and per-phase accuracy on ``n`` fresh
-sequences drawn from ``seed``. Each task implements ``evaluate_cli(cfg) -> dict[str, float]``; this module
-loads the checkpoint, prints the table and writes ``output=PATH`` as JSON.
+sequences drawn from ``seed``. Each task implements ``evaluate_outputs(EvaluationRequest) -> dict[str, float]``;
+this module loads the checkpoint, types the options, prints the table and writes ``output=PATH`` as JSON.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import math
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tiny_decoder.cli import hydra_tool
+from tiny_decoder.cli import hydra_tool, typed_request
 from tiny_decoder.tasks import load_task
+from tiny_decoder.tasks.base import EvaluationRequest
 
 
 def format_table(results: dict[str, float]) -> str:
@@ -46,11 +48,20 @@ def write_json(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def evaluation_request(cfg: DictConfig) -> EvaluationRequest:
+    """The tool's options, typed; ``data`` becomes a data module factory when it names any file or dataset."""
+    data = cfg.get("data")
+    wanted = data is not None and (any((data.get("files") or {}).values()) or data.get("hub_dataset"))
+    factory = instantiate(data, _partial_=True, _convert_="all") if wanted else None  # called by the task
+    tokenizer_path = data.get("tokenizer_path") if data is not None else None
+    return typed_request(cfg, EvaluationRequest, text_data=factory, tokenizer_path=tokenizer_path)
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
-    """Load ``cfg.ckpt``, run its task's ``evaluate_cli``, print the table; write JSON when ``cfg.output``."""
+    """Load ``cfg.ckpt``, run its task's ``evaluate_outputs``, print the table; write JSON when ``cfg.output``."""
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.ckpt, map_location=cfg.device)
-    results = task.evaluate_cli(cfg)
+    results = task.evaluate_outputs(evaluation_request(cfg))
     print(format_table(results))
     if cfg.get("output"):
         payload = {"checkpoint": str(cfg.ckpt), "task": task.task_name, "metrics": results}

@@ -2,7 +2,8 @@
 
 Sequence task: ``sequence="1 2 4 7 11" steps=5`` prints the greedy continuation. Language model:
 ``prompt="Once upon a time" temperature=0.8 top_k=50`` prints sampled stories. Each task implements
-``generate_cli(cfg) -> list[str]``; this module only loads the checkpoint and prints.
+``generate_outputs(GenerationRequest) -> list[str]``; this module loads the checkpoint, types the options and
+prints.
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
-from tiny_decoder.cli import hydra_tool
+from tiny_decoder.cli import hydra_tool, typed_request
 from tiny_decoder.tasks import load_task
+from tiny_decoder.tasks.base import GenerationRequest
 
 
 def generate_from_checkpoint(cfg: DictConfig) -> list[str]:
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.ckpt, map_location=cfg.device)
-    outputs = task.generate_cli(cfg)
+    outputs = task.generate_outputs(typed_request(cfg, GenerationRequest))
     for text in outputs:
         print(text)
     return outputs

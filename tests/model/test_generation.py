@@ -185,17 +185,16 @@ def test_compiled_decoding_falls_back_to_eager_for_attentions_without_a_static_c
     assert "cannot use a static KV cache" in caplog.text
 
 
-def test_generate_cli_compile_flag_continues_like_eager():
-    """``python -m tiny_decoder.generate ... compile=true`` (the task's generate_cli) gives the eager output."""
-    from omegaconf import OmegaConf
-
+def test_generate_compile_flag_continues_like_eager():
+    """``python -m tiny_decoder.generate ... compile=true`` (the task's generate_outputs) gives the eager output."""
+    from tiny_decoder.tasks.base import GenerationRequest
     from tiny_decoder.tasks.sequence_predictor import SequencePredictor
 
     torch.manual_seed(0)
     config = dict(vocab_size=256, context_length=16, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.3)
     task = SequencePredictor(model=config).eval()
     eager, compiled = (
-        task.generate_cli(OmegaConf.create({"sequence": "1 2 4 7 11", "steps": 8, "compile": flag}))
+        task.generate_outputs(GenerationRequest(sequence="1 2 4 7 11", steps=8, compile=flag))
         for flag in (False, True)
     )
     assert compiled == eager and len(eager[0].split("->")[1].split()) == 8

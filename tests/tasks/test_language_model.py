@@ -21,11 +21,14 @@ from omegaconf import OmegaConf  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tiny_decoder.cli import typed_request  # noqa: E402
 from tiny_decoder.data import tokenizer as tokenizer_lib  # noqa: E402
 from tiny_decoder.data.tinystories import EOT_TOKEN, TextDataModule  # noqa: E402
+from tiny_decoder.evaluate import evaluation_request  # noqa: E402
 from tiny_decoder.model import ModelConfig  # noqa: E402
 from tiny_decoder.model.generation import generate  # noqa: E402
 from tiny_decoder.tasks import load_task  # noqa: E402
+from tiny_decoder.tasks.base import GenerationRequest  # noqa: E402
 from tiny_decoder.tasks.language_model import (  # noqa: E402
     IGNORE_INDEX,
     LanguageModel,
@@ -232,7 +235,7 @@ def test_generation_from_the_checkpoint_stops_at_max_new_tokens(loaded):
     cfg = OmegaConf.create(
         {"prompt": "Once upon a time", "max_new_tokens": 7, "temperature": 0.0, "top_k": None, "top_p": None}
     )
-    outputs = loaded.generate_cli(cfg)
+    outputs = loaded.generate_outputs(typed_request(cfg, GenerationRequest))
     assert len(outputs) == 1 and outputs[0].startswith("Once upon a time")
     assert len(loaded.tokenizer.encode(outputs[0]).ids) <= len(prompt) - 1 + 7
 
@@ -262,7 +265,7 @@ def test_another_tokenizer_is_refused_with_both_fingerprints(loaded, other_token
     cfg = evaluate_config(files["validation"], workdir, tokenizer_path=str(other_tokenizer))
     pattern = rf"tokenizer mismatch.*{re.escape(ours)}.*{re.escape(other)}.*data\.tokenizer_path"
     with pytest.raises(ValueError, match=pattern):
-        loaded.evaluate_cli(cfg)
+        loaded.evaluate_outputs(evaluation_request(cfg))
     with pytest.raises(ValueError, match=pattern):
         loaded.use_tokenizer(Tokenizer.from_file(str(other_tokenizer)))
 
@@ -302,16 +305,16 @@ def evaluate_config(validation: str | None, workdir: Path, **data) -> OmegaConf:
     )
 
 
-def test_evaluate_cli_on_text_matches_the_validation_of_training(trained, loaded, files, workdir):
-    results = loaded.evaluate_cli(evaluate_config(files["validation"], workdir))
+def test_evaluate_outputs_on_text_matches_the_validation_of_training(trained, loaded, files, workdir):
+    results = loaded.evaluate_outputs(evaluation_request(evaluate_config(files["validation"], workdir)))
     assert results["val/loss"] == pytest.approx(trained.after["val/loss"], rel=1e-4)
     assert results["val/bpb"] == pytest.approx(trained.after["val/bpb"], rel=1e-4)
     assert results["val/ppl"] == pytest.approx(math.exp(results["val/loss"]), rel=1e-5)
 
 
-def test_evaluate_cli_needs_something_to_evaluate(loaded, workdir):
+def test_evaluate_outputs_needs_something_to_evaluate(loaded, workdir):
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        loaded.evaluate_cli(evaluate_config(None, workdir))
+        loaded.evaluate_outputs(evaluation_request(evaluate_config(None, workdir)))
 
 
 def test_read_lambada_splits_off_the_last_word(tmp_path):

@@ -19,6 +19,7 @@ fused optimizers (``configure_gradient_clipping``), which Lightning's mixed-prec
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -30,11 +31,39 @@ from tiny_decoder.tasks.checkpoint import METADATA_KEY, TASKS, metadata
 from tiny_decoder.training.distillation import Distiller
 from tiny_decoder.training.optimizers import clip_gradients, unscales_in_step
 from tiny_decoder.training.pruning import conform_to_state_dict
-from tiny_decoder.training.schedulers import step_schedule
+from tiny_decoder.training.schedulers import SchedulerFactory, step_schedule
 from tiny_decoder.training.zeroth_order import ZerothOrderOptimizer, configure_zeroth_order
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
-SchedulerFactory = Callable[..., torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What ``python -m tiny_decoder.generate`` asks a trained task for (its options, typed)."""
+
+    prompt: str | None = None  # language model: the text to continue
+    sequence: str | None = None  # sequence task: the numbers to continue ("1 2 4 7")
+    steps: int = 5  # sequence task: how many numbers
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    num_samples: int = 1
+    compile: bool = False  # compiled decoding (static KV cache)
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What ``python -m tiny_decoder.evaluate`` asks a trained task for (its options, typed)."""
+
+    batch_size: int = 32
+    seed: int = 0  # sequence task: the seed of its fresh test sequences
+    n: int = 3000  # sequence task: how many
+    text_data: Callable[..., Any] | None = None  # language model: a text data module factory (keyword options)
+    tokenizer_path: str | None = None  # language model: a tokenizer file to check against the model's
+    max_blocks: int | None = None
+    lambada: str | None = None  # language model: LAMBADA jsonl
+    lambada_limit: int | None = None
 
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -97,6 +126,14 @@ class DecoderTask(L.LightningModule):
         their first call; the model summary and generation stay eager)."""
         self._compiled_objective = torch.compile(self.training_loss, **options)
         self._compiled_forward = torch.compile(self.forward, **options)
+
+    def generate_outputs(self, request: GenerationRequest) -> list[str]:
+        """The texts ``generate`` prints for ``request``."""
+        raise NotImplementedError
+
+    def evaluate_outputs(self, request: EvaluationRequest) -> dict[str, float]:
+        """The metrics ``evaluate`` prints for ``request``."""
+        raise NotImplementedError
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The task's loss of ``(B, T, V)`` logits against ``(B, T)`` targets."""

@@ -4,7 +4,7 @@ Trains with next-token cross-entropy and reports loss, perplexity and bits per b
 tokenizer the model was trained with is stored in the checkpoint (its JSON and fingerprint as
 hyper-parameters, taken from the data module when training starts), so ``generate`` and ``evaluate``
 need the checkpoint alone, and data tokenized differently is refused. Also here: story samples at each
-validation, ``generate_cli`` and ``evaluate_cli`` (loss / perplexity / bits per byte on text files, and
+validation, ``generate_outputs`` and ``evaluate_outputs`` (loss / perplexity / bits per byte on text files, and
 LAMBADA last-word accuracy).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ from torchmetrics import MeanMetric
 
 from tiny_decoder.data import tokenizer as tokenizer_lib
 from tiny_decoder.model.generation import generate
-from tiny_decoder.tasks.base import DecoderTask, OptimizerFactory, SchedulerFactory
+from tiny_decoder.tasks.base import DecoderTask, EvaluationRequest, GenerationRequest, OptimizerFactory
 from tiny_decoder.tasks.checkpoint import TASKS
 from tiny_decoder.training.losses import next_token_cross_entropy
+from tiny_decoder.training.schedulers import SchedulerFactory
 
 DEFAULT_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "The cat")
 # metric prefix -> data module split, and back
@@ -207,50 +208,47 @@ class LanguageModel(DecoderTask):
         options = {"temperature": hp.sample_temperature, "top_k": hp.sample_top_k, "generator": generator}
         return [(p, self.continue_text(p, hp.sample_max_new_tokens, **options)[0]) for p in self.sample_prompts]
 
-    def generate_cli(self, cfg: Any) -> list[str]:
+    def generate_outputs(self, request: GenerationRequest) -> list[str]:
         """``generate prompt="Once upon a time" temperature=0.8 top_k=50 num_samples=3 [compile=true]``: prompt +
         continuation."""
-        prompt = "" if cfg.get("prompt") is None else str(cfg.prompt)
+        prompt = request.prompt or ""
         texts = self.continue_text(
             prompt,
-            int(cfg.max_new_tokens),
-            float(cfg.temperature),
-            cfg.get("top_k"),
-            cfg.get("top_p"),
-            int(cfg.get("num_samples") or 1),
-            compile=bool(cfg.get("compile")),
+            request.max_new_tokens,
+            request.temperature,
+            request.top_k,
+            request.top_p,
+            request.num_samples,
+            compile=request.compile,
         )
         return [prompt + text for text in texts]
 
     # ---------------------------------------------------------------- evaluation from a checkpoint
 
-    def evaluate_cli(self, cfg: Any) -> dict[str, float]:
-        """Loss / perplexity / bits per byte on each split of ``data.files``; LAMBADA when ``lambada=PATH``."""
+    def evaluate_outputs(self, request: EvaluationRequest) -> dict[str, float]:
+        """Loss / perplexity / bits per byte on each split of the text data; LAMBADA when ``request.lambada``."""
         results: dict[str, float] = {}
-        data = cfg.get("data")
-        if data is not None and any((data.get("files") or {}).values()):
-            results.update(self.evaluate_text(self.text_datamodule(data), int(cfg.batch_size), cfg.get("max_blocks")))
-        if cfg.get("lambada"):
-            results.update(self.evaluate_lambada(cfg.lambada, cfg.get("lambada_limit"), int(cfg.batch_size)))
+        if request.text_data is not None:
+            datamodule = self.text_datamodule(request.text_data, request.tokenizer_path)
+            results.update(self.evaluate_text(datamodule, request.batch_size, request.max_blocks))
+        if request.lambada:
+            results.update(self.evaluate_lambada(request.lambada, request.lambada_limit, request.batch_size))
         if not results:
             raise ValueError("nothing to evaluate: give data.files.validation=PATH (or .test) and/or lambada=PATH")
         return results
 
-    def text_datamodule(self, data: Any) -> Any:
-        """The ``data`` config instantiated with this model's context length and tokenizer (or the one in
-        ``data.tokenizer_path``, refused here unless it is the model's)."""
-        from hydra.utils import instantiate
-
+    def text_datamodule(self, build: Callable[..., Any], tokenizer_path: str | None = None) -> Any:
+        """``build(context_length=..., tokenizer_json=...)``: a text data module with this model's context length
+        and tokenizer (or the one at ``tokenizer_path``, refused here unless it is the model's)."""
         tokenizer = self.tokenizer
-        if data.get("tokenizer_path"):
-            path = Path(data.tokenizer_path).expanduser()
+        if tokenizer_path:
+            path = Path(tokenizer_path).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"data.tokenizer_path: no such file {path}")
             tokenizer = Tokenizer.from_file(str(path))
             self.check_tokenizer(
-                tokenizer_lib.tokenizer_fingerprint(tokenizer), f"data.tokenizer_path={data.tokenizer_path}"
+                tokenizer_lib.tokenizer_fingerprint(tokenizer), f"data.tokenizer_path={tokenizer_path}"
             )
-        build = instantiate(data, _partial_=True, _convert_="all")  # called below: errors stay unwrapped
         return build(
             context_length=self.model_config.context_length, tokenizer_json=tokenizer.to_str(), tokenizer_path=None
         )

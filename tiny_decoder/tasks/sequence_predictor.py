@@ -13,10 +13,11 @@ import torch
 
 from tiny_decoder.core.checks import parse_integers
 from tiny_decoder.model.generation import generate
-from tiny_decoder.tasks.base import DecoderTask, OptimizerFactory, SchedulerFactory
+from tiny_decoder.tasks.base import DecoderTask, EvaluationRequest, GenerationRequest, OptimizerFactory
 from tiny_decoder.tasks.checkpoint import TASKS
 from tiny_decoder.training.losses import DISTANCE_WEIGHTINGS, PREDICTIONS, distance_weighted_cross_entropy
 from tiny_decoder.training.metrics import SequenceMetrics
+from tiny_decoder.training.schedulers import SchedulerFactory
 
 # One of each phase's kinds of rule, long enough (7 numbers) that the rule is determined.
 DEFAULT_PROMPTS = (
@@ -78,18 +79,18 @@ class SequencePredictor(DecoderTask):
         prompt = torch.tensor([numbers], dtype=torch.long, device=self.device)
         return generate(self.model, prompt, steps, compile=compile)[0, len(numbers) :].tolist()
 
-    def generate_cli(self, cfg: Any) -> list[str]:
+    def generate_outputs(self, request: GenerationRequest) -> list[str]:
         """``generate sequence="1 2 4 7 11" steps=5``: the sequence followed by its continuation."""
-        if not cfg.get("sequence"):
+        if not request.sequence:
             raise ValueError(
                 'the sequence task needs sequence="<numbers separated by spaces>", e.g. sequence="1 2 4 7"'
             )
-        numbers = parse_numbers(str(cfg.sequence), self.model_config.vocab_size - 1)
-        continuation = self.continue_sequence(numbers, int(cfg.steps), compile=bool(cfg.get("compile")))
+        numbers = parse_numbers(request.sequence, self.model_config.vocab_size - 1)
+        continuation = self.continue_sequence(numbers, request.steps, compile=request.compile)
         return [" ".join(map(str, numbers)) + " -> " + " ".join(map(str, continuation))]
 
     @torch.no_grad()
-    def evaluate_cli(self, cfg: Any) -> dict[str, float]:
+    def evaluate_outputs(self, request: EvaluationRequest) -> dict[str, float]:
         """``evaluate n=3000 seed=S``: loss, accuracy, acc_last, mad and per-phase acc_last on ``n`` fresh
         phase-balanced sequences drawn from ``seed`` (the test metrics, without baselines and families)."""
         from lightning.fabric.utilities import move_data_to_device
@@ -98,10 +99,10 @@ class SequencePredictor(DecoderTask):
 
         data = SequenceDataModule(
             seq_len=self.model_config.context_length,
-            batch_size=int(cfg.batch_size),
+            batch_size=request.batch_size,
             val_samples=1,
-            test_samples=int(cfg.n),
-            test_seed=int(cfg.seed),
+            test_samples=request.n,
+            test_seed=request.seed,
             max_value=self.model_config.vocab_size - 1,
         )
         self.test_metrics.reset()
