@@ -124,7 +124,18 @@ def test_exited_tokens_keep_their_state_and_later_layers_still_cache_them(build)
     ids = _ids()
     cache = model.new_cache(BATCH)
     model(ids, cache)
-    assert cache.keys[2][:, :, :LENGTH].abs().sum() > 0  # layer 3 wrote keys of tokens that exited at layer 1
+    # every token exits after layer 1 and keeps its layer-1 state h1: layers 2 and 3 still cache keys and values,
+    # computed from h1, so later tokens can attend to it
+    by_hand = model.new_cache(BATCH)
+    with torch.no_grad():
+        x, inputs = model.embed(ids, by_hand)
+        h1 = model.blocks[0](x, inputs, by_hand)
+        for block in model.blocks[1:]:
+            block(h1, inputs, by_hand)
+    for layer in (1, 2):
+        assert cache.keys[layer][:, :, :LENGTH].abs().sum() > 0
+        assert_close(cache.keys[layer][:, :, :LENGTH], by_hand.keys[layer][:, :, :LENGTH], rtol=0, atol=1e-6)
+        assert_close(cache.values[layer][:, :, :LENGTH], by_hand.values[layer][:, :, :LENGTH], rtol=0, atol=1e-6)
 
 
 def test_early_exit_trains_every_layer_and_static_only_the_output(build):

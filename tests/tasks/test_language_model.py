@@ -236,7 +236,8 @@ def test_generation_from_the_checkpoint_stops_at_max_new_tokens(loaded):
         {"prompt": "Once upon a time", "max_new_tokens": 7, "temperature": 0.0, "top_k": None, "top_p": None}
     )
     outputs = loaded.generate_outputs(typed_request(cfg, GenerationRequest))
-    assert len(outputs) == 1 and outputs[0].startswith("Once upon a time")
+    greedy = generate(loaded.model, ids, 7, temperature=0.0, eos_id=loaded.eot_id)[0, len(prompt) :].tolist()
+    assert outputs == ["Once upon a time" + loaded.decode_continuation(greedy)]  # greedy: exactly these tokens
     assert len(loaded.tokenizer.encode(outputs[0]).ids) <= len(prompt) - 1 + 7
 
 
