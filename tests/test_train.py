@@ -126,3 +126,17 @@ def test_help_lists_config_groups():
     assert result.returncode == 0
     for group in ("attention:", "positional:", "norm:", "activation:", "experiment:"):
         assert group in result.stdout
+
+
+def test_a_quick_max_steps_try_of_a_long_recipe_validates_and_keeps_its_checkpoint(tmp_path: Path):
+    """``+experiment=sequence_strong trainer.max_steps=N`` stops mid-epoch, before any validation was due: it
+    validates at its last step (no EarlyStopping traceback), keeps its checkpoints and exits 0."""
+    overrides = ["trainer.max_steps=3", "data.val_samples=96", "data.test_samples=96", "logger=csv"]
+    result = run_module("tiny_decoder.train", "+experiment=sequence_strong", *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (results_path,) = tmp_path.glob("outputs/sequence/*/*/results.json")
+    results = json.loads(results_path.read_text())
+    assert results["global_step"] == 3 and "val/loss" in results["val"] and "test/loss" in results["test"]
+    checkpoints = {path.name for path in (results_path.parent / "checkpoints").iterdir()}
+    assert {"last.ckpt", "step0000003.ckpt"} <= checkpoints and results["best_checkpoint"].endswith("step0000003.ckpt")

@@ -4,6 +4,7 @@
   (stories, number sequences), prints them and logs them as text to TensorBoard and as a table to W&B.
 - ``AttentionMapLogger``: at the end of each validation, draws the attention weights of every layer and head
   on the first validation sequence and logs the picture to W&B and TensorBoard (and keeps the PNG).
+- ``ValidateAtEnd``: a run that reaches ``trainer.max_steps`` between validations validates on its last step.
 - ``FiniteLossGuard``: stops the run at the first non-finite training loss, with a message naming the step
   and the last good checkpoint (raised before the checkpoint callbacks run, so they never save the bad state).
 - ``SignalCheckpoint``: on SIGTERM (a cluster's preemption, ``docker stop``) or Ctrl+C, finishes the current
@@ -157,6 +158,20 @@ def log_image(logger: object, path: Path | None, step: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Failure handling: non-finite loss, signals
 # --------------------------------------------------------------------------------------------------------
+
+
+class ValidateAtEnd(L.Callback):
+    """A run stopped by ``trainer.max_steps`` between two validations validates once more on its last step, so
+    its final weights are scored, checkpointed (best / last) and early stopping sees ``val/loss``: a quick
+    ``trainer.max_steps=20`` try of a long recipe ends like a finished run instead of with no checkpoint. It asks
+    Lightning to stop at that step (``trainer.should_stop``), which is when Lightning runs a validation early."""
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        max_steps = trainer.max_steps
+        if max_steps is not None and max_steps > 0 and trainer.global_step >= max_steps and trainer.limit_val_batches:
+            trainer.should_stop = True
 
 
 class NonFiniteLossError(RunFailure):
