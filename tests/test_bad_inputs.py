@@ -74,6 +74,10 @@ CASES = [
     ("missing checkpoint", [*TINY, "resume=/nonexistent/last.ckpt"], 2, "resume=/nonexistent/last.ckpt: no such"),
     ("corrupt checkpoint", [*TINY, *SMALL_MODEL, "resume={corrupt}"], 2, "cannot read this checkpoint"),
     ("truncated checkpoint", [*TINY, *SMALL_MODEL, "resume={truncated}"], 2, "truncated, corrupt or not a Lightning"),
+    ("a root key nothing reads", [*TINY, "+some_misspelled_key=1"], 2, "+some_misspelled_key: nothing reads"),
+    ("a misspelled path", [*TINY, "+paths.outptu=x"], 2, "it is not a field of the config node paths, and paths"),
+    ("a Trainer argument misspelled", [*TINY, "+trainer.profilr=simple"], 2, "did you mean trainer.profiler?"),
+    ("an optimizer argument misspelled", [*TINY, "+optimizer.lrr=3"], 2, "adamw takes no argument 'lrr'"),
     (
         "checkpoint of another model",
         [*TINY, *SMALL_MODEL, "model.d_model=64", "resume={good}"],
@@ -134,3 +138,12 @@ def test_bad_input_as_a_real_process(case: str, tmp_path: Path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "added", ["+trainer.profiler=simple", "+callbacks.timer._target_=lightning.pytorch.callbacks.Timer"]
+)
+def test_added_keys_a_component_reads_keep_working(added: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``+key=value`` is refused only where nothing reads it: a Trainer argument or a new callback is fine."""
+    assert run_train(monkeypatch, *TINY, added, f"hydra.run.dir={tmp_path}") == 0
+    assert (tmp_path / "results.json").is_file()

@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tiny_decoder.run.config_checks import build_model_config, validate_config
-from tiny_decoder.run.resume import continue_checkpoints_in, resolve_resume
+from tiny_decoder.run.config_checks import build_model_config, check_added_keys, validate_config
+from tiny_decoder.run.resume import continue_checkpoints_in, current_overrides, resolve_resume
 
 
 def instantiate_named(group: DictConfig | None) -> list[Any]:
@@ -40,6 +40,7 @@ def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Ru
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     validate_config(cfg)
+    check_added_keys(cfg, current_overrides() or [])
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model_config = build_model_config(cfg, datamodule)

@@ -4,10 +4,14 @@ that name the field and the fix."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import difflib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
 
 from tiny_decoder.core.checks import check, is_betas, is_bool, is_count, is_non_negative, is_positive
@@ -46,6 +50,50 @@ def validate_config(cfg: DictConfig) -> None:
         if isinstance(value, (DictConfig, Mapping)) or value is None:
             continue
         check(key, OmegaConf.to_object(value) if OmegaConf.is_config(value) else value, predicate, wanted)
+
+
+def check_argument(node: str, target: str, name: str) -> None:
+    """Refuse ``name`` when the component ``target`` (a ``_target_``) takes no such argument (and no **kwargs)."""
+    try:
+        parameters = inspect.signature(_locate(target)).parameters
+    except (ImportError, ValueError, TypeError):  # not introspectable: instantiate will say
+        return
+    if name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    close = difflib.get_close_matches(name, list(parameters), n=3)
+    hint = f"; did you mean {', '.join(f'{node}.{c}' for c in close)}?" if close else ""
+    raise ConfigError(f"+{node}.{name}: {target} takes no argument {name!r}{hint}")
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the config groups (a `+group=option` is no key)
+# nodes whose entries are themselves instantiated components: a new entry is a new component (its _target_ says)
+COMPONENT_COLLECTIONS = ("callbacks", "logger")
+
+
+def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Refuse a ``+key=value`` that nothing reads: a new key is read only inside a node that is instantiated
+    (it has a ``_target_``: the component takes it as an argument, and refuses it if unknown) or as a new entry of
+    ``callbacks`` / ``logger``. ``+trainer.profiler=simple`` passes; ``+some_misspelled_key=1`` does not."""
+    for override in overrides:
+        if not override.startswith("+") or "=" not in override:
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        parent, _, name = key.rpartition(".")
+        if (CONF_DIR / key.replace(".", "/")).is_dir():  # +experiment=NAME, +hparams_search=...: a config group
+            continue
+        if key.split(".", 1)[0] in (*COMPONENT_COLLECTIONS, "hydra") or name == "_target_":
+            continue
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig) and "_target_" in node:
+            check_argument(parent, str(node._target_), name)
+            continue
+        known = [k for k in (node.keys() if isinstance(node, DictConfig) else []) if k != name]
+        close = difflib.get_close_matches(name, [str(k) for k in known], n=3)
+        hint = f"; did you mean {', '.join((parent + '.' if parent else '') + c for c in close)}?" if close else ""
+        raise ConfigError(
+            f"+{key}: nothing reads {key!r} (it is not a field of the config{' node ' + parent if parent else ''}, "
+            f"and {parent or 'the root'} is not a component that takes extra arguments){hint}"
+        )
 
 
 def build_model_config(cfg: DictConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:

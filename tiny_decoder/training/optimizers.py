@@ -20,10 +20,21 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 
-def adamw(params: Iterable[Any], fused: bool | None = None, **options: Any) -> torch.optim.AdamW:
+def adamw(
+    params: Iterable[Any],
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    amsgrad: bool = False,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
     """``torch.optim.AdamW(params, fused=...)``; ``fused=None``: the fused kernel when every parameter's
-    device and dtype have one, else torch's default implementation."""
+    device and dtype have one, else torch's default implementation. The options are named (not ``**kwargs``)
+    so a misspelled one fails before training."""
     params = list(params)
+    options: dict[str, Any] = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+    options["amsgrad"] = amsgrad
     if fused is not None:
         return torch.optim.AdamW(params, fused=fused, **options)
     try:
