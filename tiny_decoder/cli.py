@@ -38,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
 from tiny_decoder.core.errors import one_line, user_error, user_error_types
+from tiny_decoder.run.console import quiet_console
 from tiny_decoder.run.run_dir import failed_runs
 
 T = TypeVar("T")
@@ -99,6 +100,7 @@ def hydra_tool(name: str, function: Callable[[DictConfig], Any], config_name: st
     composed with the command line; user errors and configs Hydra cannot compose are one ``error:`` line."""
 
     def task(cfg: DictConfig) -> Any:
+        quiet_console()
         return run_cli(function, cfg)
 
     task.__module__ = f"tiny_decoder.{name}"  # Hydra names the job (and its <name>.log) after this module

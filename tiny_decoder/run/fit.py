@@ -25,10 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from tiny_decoder.core.errors import one_line, user_error
 from tiny_decoder.run.build import build_run
+from tiny_decoder.run.console import print_metrics
+from tiny_decoder.run.resume import current_overrides
 from tiny_decoder.run.run_dir import RunDir
 from tiny_decoder.training.callbacks import interrupted_error
 
 log = logging.getLogger(__name__)
+NOT_VALIDATION = ("train/", "lr-", "lr/")  # logged while fitting, but not validation metrics
 
 
 @dataclass
@@ -46,6 +49,7 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
     started = time.perf_counter()
     cfg = copy.deepcopy(cfg)
     run = build_run(cfg)
+    log.info("%s", run_banner(cfg, run))
     datamodule, task, trainer = run.datamodule, run.task, run.trainer
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -57,9 +61,13 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
     if cfg.test:
         # the best checkpoint's weights go into the task (EarlyStopping alone would leave the last ones)
         best = best_path or None
-        test_metrics = _scalars(trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True)[0])
+        tested = trainer.test(task, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+        test_metrics = _scalars(tested[0])
+        if trainer.is_global_zero:
+            print_metrics(test_metrics, "test, best checkpoint")
     results = {
-        "val": fit_metrics,
+        "val": {k: v for k, v in fit_metrics.items() if not k.startswith(NOT_VALIDATION)},
+        "train": {k: v for k, v in fit_metrics.items() if k.startswith("train/")},
         "test": test_metrics,
         "best_checkpoint": best_path,
         "best_score": float(checkpoint.best_model_score) if best_path and checkpoint.best_model_score else None,
@@ -75,6 +83,21 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
     if checkpoint and checkpoint.monitor == cfg.optimized_metric and results["best_score"] is not None:
         metric = results["best_score"]
     return RunResult(trainer, task, results, metric)
+
+
+def run_banner(cfg: DictConfig, run: Any) -> str:
+    """Where this run writes, what it trains on and what it resumes from, in a few lines for the console."""
+    overrides = " ".join(current_overrides() or []) or "(defaults)"
+    data = type(run.datamodule).__name__
+    lines = [
+        f"run: {overrides}",
+        f"task: {type(run.task).__name__}, {run.task.model.num_parameters():,} parameters; data: {data}, "
+        f"batch {OmegaConf.select(cfg, 'data.batch_size', default='?')}",
+        f"outputs: {cfg.paths.output_dir} (checkpoints/, csv/metrics.csv, train.log, results.json)",
+    ]
+    if run.ckpt_path:
+        lines.append(f"resuming from {run.ckpt_path}")
+    return "\n".join(lines)
 
 
 def _fit(trainer: L.Trainer, task: L.LightningModule, datamodule: Any, ckpt_path: str | None) -> None:

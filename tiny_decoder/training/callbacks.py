@@ -4,6 +4,8 @@
   (stories, number sequences), prints them and logs them as text to TensorBoard and as a table to W&B.
 - ``AttentionMapLogger``: at the end of each validation, draws the attention weights of every layer and head
   on the first validation sequence and logs the picture to W&B and TensorBoard (and keeps the PNG).
+- ``CompactModelSummary`` / ``StepProgressBar``: Lightning's Rich summary and progress bar, readable at 80
+  columns (the model's modules only, compact shapes) and without ``Epoch 0/-2`` for runs bounded by steps.
 - ``ValidateAtEnd``: a run that reaches ``trainer.max_steps`` between validations validates on its last step.
 - ``FiniteLossGuard``: stops the run at the first non-finite training loss, with a message naming the step
   and the last good checkpoint (raised before the checkpoint callbacks run, so they never save the bad state).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -27,10 +30,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from tiny_decoder.core.checks import check_int
@@ -158,6 +165,59 @@ def log_image(logger: object, path: Path | None, step: int) -> None:
 # --------------------------------------------------------------------------------------------------------
 # Failure handling: non-finite loss, signals
 # --------------------------------------------------------------------------------------------------------
+
+
+class CompactModelSummary(RichModelSummary):
+    """Lightning's Rich model summary, readable at 80 columns: the model's modules only (not the metric
+    collections), name, type, parameters and compact in/out shapes (``2x8x96``), then one line of totals."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        columns = dict(summary_data)
+        table = Table(box=box.SIMPLE_HEAD, header_style="bold magenta", pad_edge=False)
+        shown = [name for name in ("Name", "Type", "Params", "In sizes", "Out sizes") if name in columns]
+        for name in shown:
+            table.add_column(name, justify="left" if name in ("Name", "Type") else "right", no_wrap=name == "Name")
+        for row in zip(*(columns[name] for name in shown), strict=True):
+            if "_metrics" not in row[0]:
+                cells = zip(shown, row, strict=True)
+                table.add_row(*(compact_shape(cell) if "sizes" in name else cell for name, cell in cells))
+        console = Console()
+        console.print(table)
+        console.print(
+            f"[bold]parameters[/]: {get_human_readable_count(trainable_parameters)} trainable, "
+            f"{get_human_readable_count(total_parameters - trainable_parameters)} frozen, "
+            f"{model_size:.2f} MB in fp32; {get_human_readable_count(total_flops)} FLOPs per forward of the "
+            "example batch",
+            highlight=False,
+        )
+
+
+def compact_shape(text: str) -> str:
+    """``[2, 8, 96]`` -> ``2x8x96``; ``[[2, 8, 96], '?', '?']`` -> ``2x8x96 ?`` (the shapes of several inputs)."""
+    shapes = re.findall(r"\[([\d, ]+)\]|'\?'|\?", text)
+    parts = ["x".join(part.replace(" ", "").split(",")) if part else "?" for part in shapes]
+    return " ".join(parts) or text
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar; a run bounded by steps (``max_epochs=-1``) shows ``Epoch N`` without
+    Lightning's ``/-2``."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        description = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        return (
+            description.replace(f"/{max_epochs - 1}", "") if max_epochs is not None and max_epochs < 0 else description
+        )
 
 
 class ValidateAtEnd(L.Callback):
