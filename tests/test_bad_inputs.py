@@ -74,6 +74,7 @@ CASES = [
     ("missing checkpoint", [*TINY, "resume=/nonexistent/last.ckpt"], 2, "resume=/nonexistent/last.ckpt: no such"),
     ("corrupt checkpoint", [*TINY, *SMALL_MODEL, "resume={corrupt}"], 2, "cannot read this checkpoint"),
     ("truncated checkpoint", [*TINY, *SMALL_MODEL, "resume={truncated}"], 2, "truncated, corrupt or not a Lightning"),
+    ("torch_threads 0", [*TINY, "torch_threads=0"], 2, "torch_threads must be a positive integer, auto or null"),
     ("a root key nothing reads", [*TINY, "+some_misspelled_key=1"], 2, "+some_misspelled_key: nothing reads"),
     ("a misspelled path", [*TINY, "+paths.outptu=x"], 2, "it is not a field of the config node paths, and paths"),
     ("a Trainer argument misspelled", [*TINY, "+trainer.profilr=simple"], 2, "did you mean trainer.profiler?"),

@@ -14,7 +14,15 @@ import lightning as L
 from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
 
-from tiny_decoder.core.checks import check, is_betas, is_bool, is_count, is_non_negative, is_positive
+from tiny_decoder.core.checks import (
+    check,
+    is_betas,
+    is_bool,
+    is_count,
+    is_non_negative,
+    is_positive,
+    is_positive_int,
+)
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.validation import validate_model_config
@@ -38,6 +46,7 @@ RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("scheduler.min_lr", is_non_negative, ">= 0"),
     ("trainer.gradient_clip_val", is_non_negative, ">= 0 (or null: no clipping)"),
     ("compile", is_bool, "true or false"),
+    ("torch_threads", lambda v: v == "auto" or is_positive_int(v), "a positive integer, auto or null"),
     ("precision", is_precision, f"one of {', '.join(PRECISIONS[:6])} (or null: trainer.precision)"),
     ("trainer.precision", is_precision, f"one of {', '.join(PRECISIONS[:6])}"),
 )
