@@ -91,10 +91,10 @@ def test_attention_maps_are_drawn_or_refused_once(attention: str, tmp_path: Path
     config.attention = {"name": attention}
     task = SimpleNamespace(model=DecoderTransformer(config.validate()))
     maps = AttentionMapLogger(tmp_path)
-    maps._ids = torch.arange(8).unsqueeze(0)
+    maps.ids = torch.arange(8).unsqueeze(0)
     path = maps.draw(task, step=3)
     if attention == "linformer":  # no per-token weights: a warning, then nothing more
-        assert path is None and maps._disabled
+        assert path is None and maps.disabled
     else:
         assert path == tmp_path / "step0000003.png" and path.read_bytes()[:4] == b"\x89PNG"
 

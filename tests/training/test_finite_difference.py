@@ -52,7 +52,7 @@ def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def dense_estimate(optimizer: ZerothOrderOptimizer) -> torch.Tensor:
     """The pending estimate as one dense vector (tests only: the optimizer itself never builds it)."""
-    estimate = optimizer._pending[0]
+    estimate = optimizer.pending_estimate
     parts = [torch.zeros_like(p) for p in optimizer.parameter_set().tensors]
     for direction, scales in estimate.components():
         direction.add_to(parts, scales)
@@ -98,7 +98,7 @@ def test_spsa_projected_gradient_is_the_directional_derivative(distribution):
     loss_fn = batch_loss(model)
     optimizer = make_optimizer(model, distribution=distribution, eps=1e-6)
     optimizer.estimate(loss_fn)
-    direction = optimizer._pending[0].directions[0]
+    direction = optimizer.pending_estimate.directions[0]
     z = [direction.component(t, p) for t, p in enumerate(optimizer.parameter_set().tensors)]
     derivative = sum((g * zt).sum() for g, zt in zip(autograd_gradient(model, loss_fn), z, strict=True))
     projected = optimizer.stats["projected_grad"]
@@ -171,12 +171,12 @@ def test_every_forward_sees_the_same_batch_and_rng_state():
     optimizer = make_optimizer(model, eps=1e-6, directions=2)
     optimizer.estimate(recording_loss)
     assert len(seen) == 4 and all(torch.equal(s, seen[0]) for s in seen)
-    direction = optimizer._pending[0].directions[0]
+    direction = optimizer.pending_estimate.directions[0]
     torch.set_rng_state(state)
     gradient = autograd_gradient(model, recording_loss)
     z = [direction.component(t, p) for t, p in enumerate(model.parameters())]
     derivative = sum((g * zt).sum() for g, zt in zip(gradient, z, strict=True))
-    first = optimizer._pending[3][0]  # the first direction's projected gradient
+    first = optimizer.projected_gradients[0]  # the first direction's projected gradient
     assert abs(first - derivative) / abs(derivative) < 1e-5
 
 
@@ -271,7 +271,7 @@ def test_sensitivity_epsilon_and_sampling_follow_the_scores():
     )
     optimizer.step(batch_loss(model))
     scores = torch.tensor(list(optimizer.sensitivity_scores().values()))
-    eps = torch.tensor(optimizer._epsilons(optimizer.parameter_set()))
+    eps = torch.tensor(optimizer.epsilons(optimizer.parameter_set()))
     inside = (eps > 1e-4 + 1e-12) & (eps < 1e-2 - 1e-12)  # not clamped by epsilon_range
     assert torch.allclose((eps * scores)[inside], (eps * scores)[inside][0], rtol=1e-9)  # equal loss change
     assert optimizer.stats["tensors"] == round(0.25 * len(scores))

@@ -42,7 +42,7 @@ def test_compiled_objective_and_evaluation_forward_equal_eager():
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(task.logits(batch["input"]), task(batch["input"]), rtol=1e-5, atol=1e-6)
-    assert task._compiled_objective is not None and "_compiled" not in "".join(task.state_dict())
+    assert task.is_compiled and "_compiled" not in "".join(task.state_dict())
 
 
 def test_compile_true_trains_to_the_eager_weights(compose_config):
@@ -50,7 +50,7 @@ def test_compile_true_trains_to_the_eager_weights(compose_config):
     overrides = (*tiny_sequence_overrides(epochs=1), "data.train_samples_per_epoch=640", "test=false")
     eager = fit_and_test(compose_config("+experiment=sequence_seed", *overrides)).task
     compiled = fit_and_test(compose_config("+experiment=sequence_seed", *overrides, "compile=true")).task
-    assert compiled._compiled_objective is not None and eager._compiled_objective is None
+    assert compiled.is_compiled and not eager.is_compiled
     for name, value in eager.state_dict().items():
         torch.testing.assert_close(compiled.state_dict()[name], value, rtol=1e-3, atol=1e-4, msg=name)
 

@@ -70,7 +70,7 @@ def test_local_sparsity_is_exact_on_every_chosen_tensor_and_nothing_else(amount)
     pruner = _pruner(task, sparsity=amount)
     pruner.apply_pruning(amount)
     linears = [m for m in task.model.modules() if isinstance(m, nn.Linear)]
-    assert [m for m, _ in pruner._parameters_to_prune] == linears
+    assert [m for m, _ in pruner.pruned_parameters] == linears
     for module in linears:
         assert pruned_count(module, "weight") == round(amount * module.weight.numel())
         assert int((module.weight == 0).sum()) == pruned_count(module, "weight")
@@ -83,7 +83,7 @@ def test_global_sparsity_is_exact_overall_with_one_threshold():
     task = _task()
     pruner = _pruner(task, sparsity=0.6, scope="global", modules=["attention", "feedforward"])
     pruner.apply_pruning(0.6)
-    weights = pruner._parameters_to_prune
+    weights = pruner.pruned_parameters
     assert len(weights) == 2 * 2 * 2  # qkv, proj, two ff matrices per layer
     total = sum(m.weight.numel() for m, _ in weights)
     assert sum(pruned_count(m, "weight") for m, _ in weights) == round(0.6 * total)
@@ -98,12 +98,10 @@ def test_global_sparsity_is_exact_overall_with_one_threshold():
 def test_repeated_pruning_reaches_each_scheduled_sparsity_not_a_fraction_of_what_remains(scope):
     task = _task()
     pruner = _pruner(task, sparsity=0.8, scope=scope)
-    total = sum(m.weight.numel() for m, _ in pruner._parameters_to_prune)
+    total = sum(m.weight.numel() for m, _ in pruner.pruned_parameters)
     for target in (0.2, 0.5, 0.8):
         pruner.apply_pruning(target)
-        assert sparsity(pruner._parameters_to_prune) == pytest.approx(
-            target, abs=len(pruner._parameters_to_prune) / total
-        )
+        assert sparsity(pruner.pruned_parameters) == pytest.approx(target, abs=len(pruner.pruned_parameters) / total)
 
 
 def test_schedules():
@@ -124,7 +122,7 @@ def test_selection_errors_are_clear():
     with pytest.raises(ConfigError, match="pruning.sparsity"):
         MagnitudePruning(sparsity=1.0)
     tied = _task(tie_embeddings=True)
-    assert all(m is not tied.model.head for m, _ in _pruner(tied)._parameters_to_prune)  # default: head left out
+    assert all(m is not tied.model.head for m, _ in _pruner(tied).pruned_parameters)  # default: head left out
 
 
 def test_pruned_weights_stay_zero_after_optimizer_steps():
@@ -134,13 +132,13 @@ def test_pruned_weights_stay_zero_after_optimizer_steps():
     groups = parameter_groups(task.model)
     assert any(p is task.model.blocks[0].attn.qkv.weight_orig for p in groups[0]["params"])  # still decayed
     optimizer = torch.optim.AdamW(groups, lr=1e-2, weight_decay=0.1)
-    masks = {id(m): m.weight_mask.clone() for m, _ in pruner._parameters_to_prune}
+    masks = {id(m): m.weight_mask.clone() for m, _ in pruner.pruned_parameters}
     for _ in range(5):
         optimizer.zero_grad()
         task.training_loss(_batch()).backward()
         optimizer.step()
     task(_batch()["input"])  # the forward pre-hook recomputes weight = weight_orig * mask
-    for module, _ in pruner._parameters_to_prune:
+    for module, _ in pruner.pruned_parameters:
         assert torch.equal(module.weight_mask, masks[id(module)])
         assert torch.all(module.weight[module.weight_mask == 0] == 0)
         assert torch.any(module.weight_orig[module.weight_mask == 1] != 0)

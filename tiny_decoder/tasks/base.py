@@ -121,6 +121,11 @@ class DecoderTask(L.LightningModule):
         """:meth:`training_loss`, compiled under ``compile=true``."""
         return self.training_loss(batch) if self._compiled_objective is None else self._compiled_objective(batch)
 
+    @property
+    def is_compiled(self) -> bool:
+        """Whether :meth:`compile_steps` ran: :meth:`objective` and :meth:`logits` run compiled."""
+        return self._compiled_objective is not None
+
     def compile_steps(self, **options: Any) -> None:
         """``torch.compile(**options)`` the training objective and the evaluation forward (compiled lazily, at
         their first call; the model summary and generation stay eager)."""

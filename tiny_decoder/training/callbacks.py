@@ -103,25 +103,33 @@ class AttentionMapLogger(L.Callback):
     """Every ``every_n_validations`` validations, a ``layers x heads`` grid of attention heatmaps of the model
     on the first ``max_tokens`` tokens of the first validation sequence, saved as
     ``<dirpath>/step<N>.png`` and logged as the image ``attention`` to W&B and TensorBoard. Does nothing when
-    no such logger is attached; warns once and stops for attentions without per-token weights (linformer)."""
+    no such logger is attached; warns once and stops for attentions without per-token weights (linformer).
+
+    ``ids`` (``(1, tokens)``, set by ``on_validation_batch_start``; ``None`` before) is the sequence
+    :meth:`draw` shows; ``disabled`` says whether drawing has stopped."""
 
     def __init__(self, dirpath: str | Path, every_n_validations: int = 1, max_tokens: int = 32):
         self.dirpath = Path(dirpath)
         self.schedule = EveryNValidations(every_n_validations, "callbacks.attention_maps.every_n_validations")
         self.max_tokens = max_tokens
-        self._ids: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None
         self._disabled = False
+
+    @property
+    def disabled(self) -> bool:
+        """True once drawing failed (an attention without per-token weights): no more maps this run."""
+        return self._disabled
 
     def on_validation_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if batch_idx == 0 and dataloader_idx == 0 and isinstance(batch, Mapping) and "input" in batch:
-            self._ids = batch["input"][:1, : self.max_tokens].detach().cpu()
+            self.ids = batch["input"][:1, : self.max_tokens].detach().cpu()
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         loggers = [logger for logger in trainer.loggers if isinstance(logger, IMAGE_LOGGERS)]
-        if trainer.sanity_checking or self._disabled or self._ids is None or not loggers or not self.schedule.turn():
+        if trainer.sanity_checking or self._disabled or self.ids is None or not loggers or not self.schedule.turn():
             return
         path = self.draw(pl_module, trainer.global_step)
         for logger in loggers:
@@ -132,12 +140,12 @@ class AttentionMapLogger(L.Callback):
 
         try:
             model = copy.deepcopy(pl_module.model).cpu().eval()  # the live model keeps its mode and device
-            weights = attention_weights(model, self._ids)
+            weights = attention_weights(model, self.ids)
         except (ValueError, RuntimeError) as error:  # linformer has no per-token weights; a sharded model
             rank_zero_warn(f"attention maps disabled: {error}")
             self._disabled = True
             return None
-        labels = token_labels(pl_module, self._ids[0].tolist())
+        labels = token_labels(pl_module, self.ids[0].tolist())
         title = f"attention at step {step} ({model.config.attention['name']})"
         return save_attention_png(weights, labels, self.dirpath / f"step{step:07d}.png", title)
 

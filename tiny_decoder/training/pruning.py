@@ -201,6 +201,12 @@ class MagnitudePruning(ModelPruning):
         self.modules = list(modules)
         self.reached = 0.0
 
+    @property
+    def pruned_parameters(self) -> list[Weight]:
+        """The ``(module, "weight")`` pairs this callback prunes, chosen by ``modules`` at ``setup`` (empty
+        before): what the sparsity targets and ``prune/sparsity`` refer to."""
+        return list(self._parameters_to_prune)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._parameters_to_prune = prunable_weights(pl_module.model, self.modules)
 

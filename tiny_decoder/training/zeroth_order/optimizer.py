@@ -155,7 +155,8 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     estimates the gradient from loss differences and applies ``theta -= lr * (g_hat + weight_decay * theta)``
     (decoupled decay, per parameter group). It can also be split: ``estimate(closure)`` then ``step()``
     (what the Lightning glue does, so Lightning's own closure runs once per step). ``stats`` holds the
-    last step's figures for logging.
+    last step's figures for logging; between ``estimate`` and ``step``, :attr:`pending_estimate` and
+    :attr:`projected_gradients` show the estimate the step will apply.
     """
 
     def __init__(
@@ -244,6 +245,27 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def _per_tensor(self, key: str) -> list[float]:
         return [float(group[key]) for group in self.param_groups for _ in group["params"]]
 
+    @property
+    def pending_estimate(self) -> Estimate | None:
+        """The estimate the last :meth:`estimate` computed and the next :meth:`step` applies (its directions,
+        coefficients and per-tensor epsilons); ``None`` when none is pending (before the first estimate, or
+        once a step has applied it)."""
+        return None if self._pending is None else self._pending[0]
+
+    @property
+    def projected_gradients(self) -> torch.Tensor | None:
+        """Per direction of :attr:`pending_estimate`, the projected gradient (the scheme's loss difference over
+        ``eps``, float64: the directional derivative along that direction); ``stats["projected_grad"]`` is their
+        mean. ``None`` when no estimate is pending."""
+        return None if self._pending is None else self._pending[3]
+
+    def epsilons(self, params: ParameterSet | None = None) -> list[float]:
+        """The perturbation size per tensor of ``params`` (default: :meth:`parameter_set`) that the next
+        estimate uses: ``eps`` as the ``epsilon`` mode sets it per tensor (``fixed``, ``relative`` to the
+        tensor's RMS, or following the ``sensitivity`` scores; adaptive ratios clamped to ``epsilon_range``)."""
+        params = self.parameter_set() if params is None else params
+        return self.epsilon_mode(params.tensors, self.eps, self.epsilon_range, self._scores())
+
     def sensitivity_scores(self) -> dict[str, float]:
         """``{tensor name: score}`` (empty before the first probe)."""
         mean_square = self.zeroth_order_state.get("sensitivity")
@@ -262,7 +284,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         seed = mix_seed(state["seed"], state["step"])
         loss_fn = ReplayedClosure(closure, (p.device for p in params.tensors))
         probed = self._probe(params, loss_fn, seed)
-        eps = self._epsilons(params)
+        eps = self.epsilons(params)
         generator = seeded_generator(mix_seed(seed, _SAMPLING_KEY))
         chosen = self.sample_tensors(len(params.tensors), self.tensor_fraction, self._scores(), generator)
         directions = self.estimator.sample(seed, chosen, params.tensors, generator)
@@ -287,13 +309,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         mean_square = self.zeroth_order_state.get("sensitivity")
         return None if mean_square is None else mean_square.sqrt()
 
-    def _epsilons(self, params: ParameterSet) -> list[float]:
-        return self.epsilon_mode(params.tensors, self.eps, self.epsilon_range, self._scores())
-
     def _probe(self, params: ParameterSet, loss_fn: ReplayedClosure, seed: int) -> bool:
         if not self.sensitivity.due(self.zeroth_order_state["step"]):
             return False
-        eps = self._epsilons(params)
+        eps = self.epsilons(params)
         self.sensitivity.probe(params, self.evaluate, loss_fn, eps, self.zeroth_order_state, mix_seed(seed, _PROBE_KEY))
         return True
 
