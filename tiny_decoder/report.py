@@ -116,7 +116,7 @@ def read_monitor(job_dir: Path) -> tuple[str, str] | None:
 
 
 def flat_metrics(results: dict[str, Any], monitor: tuple[str, str] | None) -> dict[str, float]:
-    metrics = {**results.get("val", {}), **results.get("test", {})}
+    metrics = {**results.get("train", {}), **results.get("val", {}), **results.get("test", {})}
     if monitor and results.get("best_score") is not None:
         metrics[monitor[0]] = results["best_score"]
     return {key: float(value) for key, value in metrics.items()}

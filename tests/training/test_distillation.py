@@ -135,7 +135,7 @@ def test_cli_distills_a_smaller_student_from_a_teacher_run(compose_config, tmp_p
     student = fit_and_test(
         compose_config("+experiment=sequence_ablation", *tiny_sequence_overrides(1), *small, *options)
     )
-    assert student.results["val"]["train/kd_loss"] > 0 and "train/task_loss" in student.results["val"]
+    assert student.results["train"]["train/kd_loss"] > 0 and "train/task_loss" in student.results["train"]
     assert student.results["parameters"] < teacher_run.results["parameters"]
     assert student.task.distiller is None  # detached after fitting
     state = torch.load(student.results["best_checkpoint"], weights_only=True)["state_dict"]

@@ -429,4 +429,4 @@ def test_hybrid_switches_from_finite_differences_to_backprop(compose_config, tmp
     phases = [float(row["fd/backprop"]) for row in _metrics(tmp_path) if row.get("fd/backprop")]
     assert phases == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
     assert run.results["global_step"] == 6
-    assert {"lr-ZerothOrderOptimizer/pg1", "lr-AdamW/pg1"} <= set(run.results["val"])
+    assert {"lr-ZerothOrderOptimizer/pg1", "lr-AdamW/pg1"} <= set(run.results["train"])

@@ -67,7 +67,7 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
             print_metrics(test_metrics, "test, best checkpoint")
     results = {
         "val": {k: v for k, v in fit_metrics.items() if not k.startswith(NOT_VALIDATION)},
-        "train": {k: v for k, v in fit_metrics.items() if k.startswith("train/")},
+        "train": {k: v for k, v in fit_metrics.items() if k.startswith(NOT_VALIDATION)},  # loss, learning rates
         "test": test_metrics,
         "best_checkpoint": best_path,
         "best_score": float(checkpoint.best_model_score) if best_path and checkpoint.best_model_score else None,
