@@ -1,10 +1,9 @@
-"""Tests for the sequence families, batch generation and SequenceDataModule (tiny_decoder.data.sequences).
+"""Tests for batch generation and SequenceDataModule (tiny_decoder.data.sequences).
 
-Each family's rule is re-checked here from the values alone, independently of the generator code.
+Every drawn sequence is re-checked against its family's rule from the values alone (tests/data/sequence_rules.py).
 """
 
 import re
-from fractions import Fraction
 from types import SimpleNamespace
 
 import lightning as L
@@ -12,262 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.data.sequence_rules import EXPECTED_PHASE_FAMILIES, RULE_CHECKS
 from tiny_decoder.data.curriculum import Curriculum
-from tiny_decoder.data.sequences import (
-    FAMILIES,
-    FAMILY_NAMES,
-    PHASES,
-    SequenceDataModule,
-    decode_family,
-    families_in_phase,
-    generate_sequences,
-)
-
-SAMPLES_PER_FAMILY = 200
-N_TERMS = 9  # default: 8 inputs + the next number
-
-EXPECTED_PHASE_FAMILIES = {
-    1: {"constant", "arithmetic", "alternating"},
-    2: {
-        "alternating_steps",
-        "growing_steps",
-        "shrinking_steps",
-        "geometric",
-        "alternating_factors",
-        "rational_factors",
-        "two_step",
-        "three_step",
-        "mixed_periods",
-    },
-    3: {
-        "fibonacci_mod",
-        "double_every_third",
-        "floor_geometric",
-        "ceil_geometric",
-        "alternating_signs",
-        "parity_rule",
-        "threshold_switch",
-    },
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Independent rule checks: each raises AssertionError when the values break the family's rule.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def differences(x):
-    return [b - a for a, b in zip(x, x[1:], strict=False)]
-
-
-def assert_arithmetic(x):
-    """Constant non-zero step (a single term has no step to check)."""
-    steps = set(differences(x))
-    assert len(steps) <= 1, f"not arithmetic: {x}"
-    assert 0 not in steps, f"zero step: {x}"
-
-
-def check_constant(x):
-    assert len(set(x)) == 1
-
-
-def check_arithmetic(x):
-    assert_arithmetic(x)
-
-
-def check_alternating(x):
-    assert x[0] != x[1]
-    assert all(x[i] == x[i - 2] for i in range(2, len(x)))
-
-
-def check_alternating_steps(x):
-    d = differences(x)
-    assert d[0] != d[1] and 0 not in d[:2]
-    assert all(d[i] == d[i - 2] for i in range(2, len(d)))
-
-
-def check_growing_steps(x):
-    second = set(differences(differences(x)))
-    assert len(second) == 1 and second.pop() >= 1
-
-
-def check_shrinking_steps(x):
-    second = set(differences(differences(x)))
-    assert len(second) == 1 and second.pop() <= -1
-
-
-def obeys_factors_mod_256(x, factors):
-    return all(x[i + 1] == factors[i % len(factors)] * x[i] % 256 for i in range(len(x) - 1))
-
-
-def check_geometric(x):
-    assert x[0] != 0
-    assert any(obeys_factors_mod_256(x, (ratio,)) for ratio in (2, 3, 4))
-
-
-def check_alternating_factors(x):
-    assert x[0] != 0
-    assert obeys_factors_mod_256(x, (2, 3)) or obeys_factors_mod_256(x, (3, 2))
-
-
-def check_rational_factors(x):
-    def obeys(first, second):
-        operations = (first, second)
-        return all(x[i + 1] == operations[i % 2](x[i]) for i in range(len(x) - 1))
-
-    def halve(v):
-        return v // 2
-
-    def three_halves(v):
-        return 3 * v // 2
-
-    assert 0 not in x
-    assert obeys(halve, three_halves) or obeys(three_halves, halve)
-
-
-def check_blocks(x, size):
-    blocks = [x[i : i + size] for i in range(0, len(x), size)]
-    assert all(len(set(block)) == 1 for block in blocks), f"blocks not constant: {x}"
-    assert_arithmetic([block[0] for block in blocks])
-
-
-def check_two_step(x):
-    check_blocks(x, 2)
-
-
-def check_three_step(x):
-    check_blocks(x, 3)
-
-
-def check_mixed_periods(x):
-    d = differences(x)
-    assert d[0] != 0
-    assert d == [0 if i % 3 == 1 else d[0] for i in range(len(d))]
-
-
-def check_fibonacci_mod(x):
-    assert any(x), "all-zero sequence"
-
-    def obeys(m):
-        return max(x) < m and all(x[i] == (x[i - 1] + x[i - 2]) % m for i in range(2, len(x)))
-
-    assert any(obeys(m) for m in range(2, 11))
-
-
-def check_double_every_third(x):
-    assert all(x[i] % 2 == 0 for i in range(2, len(x), 3))
-    assert_arithmetic([v // 2 if i % 3 == 2 else v for i, v in enumerate(x)])
-
-
-NON_INTEGER_RATIOS = [Fraction(p, q) for p in range(2, 7) for q in range(2, 7) if p > q and p % q]
-
-
-def check_rounded_geometric(x, rounding):
-    def obeys(ratio):
-        return all(x[i] == rounding(x[0] * ratio**i) for i in range(len(x)))
-
-    assert x[0] >= 1
-    assert any(obeys(ratio) for ratio in NON_INTEGER_RATIOS)
-
-
-def check_floor_geometric(x):
-    check_rounded_geometric(x, lambda value: value.numerator // value.denominator)
-
-
-def check_ceil_geometric(x):
-    check_rounded_geometric(x, lambda value: -(-value.numerator // value.denominator))
-
-
-def check_alternating_signs(x):
-    signed = [v - 128 for v in x]
-    assert all((v > 0) if i % 2 == 0 else (v < 0) for i, v in enumerate(signed))
-    assert_arithmetic([abs(v) for v in signed])
-
-
-def check_parity_rule(x):
-    increments = {b - a for a, b in zip(x, x[1:], strict=False) if a % 2 == 0}
-    assert len(increments) == 1, f"no single increment: {x}"
-    increment = increments.pop()
-    assert increment >= 1
-    assert all(b == 2 * a for a, b in zip(x, x[1:], strict=False) if a % 2 == 1)
-
-
-def check_threshold_switch(x):
-    pairs = list(zip(x, x[1:], strict=False))
-    rises = {b - a for a, b in pairs if b > a}
-    falls = {a - b for a, b in pairs if b < a}
-    assert len(rises) == 1 and len(falls) == 1, f"needs one rise and one fall size: {x}"
-    assert all(a != b for a, b in pairs)
-    # A threshold T exists iff every value followed by a rise is below every value followed by a fall.
-    assert max(a for a, b in pairs if b > a) < min(a for a, b in pairs if b < a)
-
-
-RULE_CHECKS = {
-    "constant": check_constant,
-    "arithmetic": check_arithmetic,
-    "alternating": check_alternating,
-    "alternating_steps": check_alternating_steps,
-    "growing_steps": check_growing_steps,
-    "shrinking_steps": check_shrinking_steps,
-    "geometric": check_geometric,
-    "alternating_factors": check_alternating_factors,
-    "rational_factors": check_rational_factors,
-    "two_step": check_two_step,
-    "three_step": check_three_step,
-    "mixed_periods": check_mixed_periods,
-    "fibonacci_mod": check_fibonacci_mod,
-    "double_every_third": check_double_every_third,
-    "floor_geometric": check_floor_geometric,
-    "ceil_geometric": check_ceil_geometric,
-    "alternating_signs": check_alternating_signs,
-    "parity_rule": check_parity_rule,
-    "threshold_switch": check_threshold_switch,
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Families
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_registry_matches_the_design_card():
-    assert PHASES == (1, 2, 3)
-    assert list(FAMILIES) == FAMILY_NAMES
-    assert set(RULE_CHECKS) == set(FAMILIES)
-    for phase in PHASES:
-        assert set(families_in_phase(phase)) == EXPECTED_PHASE_FAMILIES[phase]
-    for index, name in enumerate(FAMILY_NAMES):
-        family = FAMILIES[name]
-        assert family.name == name == decode_family(index)
-        assert family.rule and "\n" not in family.rule
-
-
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_family_samples_are_in_range_and_obey_the_rule(name):
-    rng = np.random.default_rng(123)
-    samples = [FAMILIES[name].sample(rng, N_TERMS) for _ in range(SAMPLES_PER_FAMILY)]
-    for values in samples:
-        assert len(values) == N_TERMS
-        assert all(isinstance(v, int) and 0 <= v <= 255 for v in values), values
-        RULE_CHECKS[name](values)
-    assert len({tuple(values) for values in samples}) > 1, "parameters are not random"
-
-
-@pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_family_is_deterministic_given_the_rng(name):
-    first = [FAMILIES[name].sample(np.random.default_rng(7), N_TERMS) for _ in range(3)]
-    assert first[0] == first[1] == first[2]
-
-
-@pytest.mark.parametrize("n_terms", [3, 16])
-def test_families_work_for_short_and_longest_supported_windows(n_terms):
-    rng = np.random.default_rng(0)
-    for name, family in FAMILIES.items():
-        for _ in range(20):
-            values = family.sample(rng, n_terms)
-            assert len(values) == n_terms and all(0 <= v <= 255 for v in values)
-            RULE_CHECKS[name](values)
-
+from tiny_decoder.data.sequence_families import FAMILIES, FAMILY_NAMES, PHASES, decode_family
+from tiny_decoder.data.sequences import SequenceDataModule, generate_sequences
 
 # ---------------------------------------------------------------------------------------------------------
 # Batch generation
@@ -434,10 +181,10 @@ def test_trainer_reloads_fresh_data_every_epoch():
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({"seq_len": 1}, "seq_len must be >= 2, got 1"),
+        ({"seq_len": 1}, "seq_len must be an integer >= 2, got 1"),
         ({"seq_len": 16}, "seq_len must be <= 15"),
         ({"seq_len": 8.0}, "seq_len must be an integer"),
-        ({"batch_size": 0}, "batch_size must be positive, got 0"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
         ({"train_samples_per_epoch": 0}, "train_samples_per_epoch"),
         ({"val_samples": -1}, "val_samples"),
         ({"test_samples": 0}, "test_samples"),

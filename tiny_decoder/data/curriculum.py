@@ -26,9 +26,13 @@ from numbers import Integral, Real
 
 import numpy as np
 
+from tiny_decoder.core.checks import check, check_int
+from tiny_decoder.core.errors import ConfigError
+
 NUM_PHASES = 3
 KEYFRAME_KEYS = ("epoch", "mix")
 DEFAULT_FINAL_MIX = (0.2, 0.4, 0.4)
+FIELD = "data.curriculum"  # where the config tree holds the curriculum (conf/data/sequences.yaml)
 
 
 @dataclass(frozen=True)
@@ -39,63 +43,57 @@ class Keyframe:
     mix: tuple[float, float, float]
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
+def _is_real(value: object) -> bool:
+    """A finite real number (numpy scalars included, a bool not)."""
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _parse_epoch(raw: object, where: str) -> int:
-    if not isinstance(raw, Integral) or isinstance(raw, bool):
-        raise ValueError(f"{where}.epoch must be an integer, got {raw!r}")
-    if raw < 0:
-        raise ValueError(f"{where}.epoch must be >= 0, got {raw}")
-    return int(raw)
+def _is_epoch(value: object) -> bool:
+    """An integer >= 0 (numpy integers included, a bool not)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
 
 
-def _parse_mix(raw: object, where: str) -> tuple[float, float, float]:
-    if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Iterable):
-        raise ValueError(f"{where}.mix must be a list of {NUM_PHASES} weights, got {raw!r}")
-    weights = list(raw)
-    if len(weights) != NUM_PHASES:
-        raise ValueError(
-            f"{where}.mix must have exactly {NUM_PHASES} weights (phases 1, 2, 3), got {len(weights)}: {weights}"
-        )
-    if not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights):
-        raise ValueError(f"{where}.mix weights must be finite numbers >= 0, got {weights}")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"{where}.mix must have a positive sum (at least one weight > 0), got {weights}")
-    return tuple(float(w) / total for w in weights)
+def _is_list(value: object) -> bool:
+    return not isinstance(value, (str, bytes, Mapping)) and isinstance(value, Iterable)
+
+
+def normalised_mix(field: str, raw: object) -> tuple[float, float, float]:
+    """The phase weights ``raw`` (``NUM_PHASES`` finite numbers >= 0 with a positive sum) scaled to sum to 1;
+    ConfigError ``<field> must be ..., got ...`` otherwise."""
+    wanted = f"a list of exactly {NUM_PHASES} weights (phases 1, 2, 3)"
+    weights = list(check(field, raw, _is_list, wanted))
+    check(field, weights, lambda w: len(w) == NUM_PHASES, wanted)
+    check(field, weights, lambda w: all(_is_real(x) and x >= 0 for x in w), "weights that are finite numbers >= 0")
+    values = [float(w) for w in weights]
+    total = sum(values)
+    check(field, weights, lambda _: total > 0, "weights with a positive sum (at least one weight > 0)")
+    return tuple(value / total for value in values)
 
 
 def _parse_keyframe(raw: object, index: int) -> Keyframe:
-    where = f"keyframes[{index}]"
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"{where} must be a mapping like {{'epoch': 0, 'mix': [1, 0, 0]}}, got {raw!r}")
+    where = f"{FIELD}.keyframes[{index}]"
+    check(where, raw, lambda r: isinstance(r, Mapping), "a mapping like {'epoch': 0, 'mix': [1, 0, 0]}")
     keys = set(raw.keys())
     missing = [key for key in KEYFRAME_KEYS if key not in keys]
     unknown = sorted(str(key) for key in keys - set(KEYFRAME_KEYS))
     if missing or unknown:
-        raise ValueError(
+        raise ConfigError(
             f"{where} must have exactly the keys 'epoch' and 'mix' (missing: {missing}, unknown: {unknown})"
         )
-    return Keyframe(epoch=_parse_epoch(raw["epoch"], where), mix=_parse_mix(raw["mix"], where))
+    epoch = check(f"{where}.epoch", raw["epoch"], _is_epoch, "an integer >= 0")
+    return Keyframe(epoch=int(epoch), mix=normalised_mix(f"{where}.mix", raw["mix"]))
 
 
 class Curriculum:
     """Phase-mix schedule, piecewise linear in the epoch between keyframes (see the module docstring)."""
 
     def __init__(self, keyframes: Iterable[Mapping]) -> None:
-        if isinstance(keyframes, (str, bytes, Mapping)) or not isinstance(keyframes, Iterable):
-            raise ValueError(f"keyframes must be a list of {{'epoch', 'mix'}} mappings, got {keyframes!r}")
+        check(f"{FIELD}.keyframes", keyframes, _is_list, "a list of {'epoch', 'mix'} mappings")
         parsed = [_parse_keyframe(raw, index) for index, raw in enumerate(keyframes)]
-        if not parsed:
-            raise ValueError("keyframes must contain at least one keyframe, got an empty list")
+        check(f"{FIELD}.keyframes", parsed, bool, "a list of at least one keyframe")
         for index, (before, after) in enumerate(pairwise(parsed), start=1):
-            if after.epoch <= before.epoch:
-                raise ValueError(
-                    f"keyframes[{index}].epoch must be greater than the previous keyframe's epoch "
-                    f"(epochs strictly increasing), got {after.epoch} after {before.epoch}"
-                )
+            wanted = f"greater than the previous keyframe's epoch {before.epoch} (epochs strictly increasing)"
+            check(f"{FIELD}.keyframes[{index}].epoch", after.epoch, lambda epoch, low=before.epoch: epoch > low, wanted)
         self.keyframes: tuple[Keyframe, ...] = tuple(parsed)
         self._epochs = np.array([frame.epoch for frame in parsed], dtype=np.float64)
         self._mixes = np.array([frame.mix for frame in parsed], dtype=np.float64)
@@ -104,8 +102,7 @@ class Curriculum:
     def linear(cls, transition_epochs: int = 10, final_mix: Sequence[float] = DEFAULT_FINAL_MIX) -> Curriculum:
         """Default three-stage schedule: phase 1 only at epoch 0, half phase 1 / half phase 2 at
         `transition_epochs`, then `final_mix` (default 20% / 40% / 40%) from 2 * `transition_epochs` on."""
-        if not isinstance(transition_epochs, int) or isinstance(transition_epochs, bool) or transition_epochs < 1:
-            raise ValueError(f"transition_epochs must be a positive integer, got {transition_epochs!r}")
+        check_int("transition_epochs", transition_epochs, 1)
         return cls(
             [
                 {"epoch": 0, "mix": [1.0, 0.0, 0.0]},
@@ -116,8 +113,7 @@ class Curriculum:
 
     def mix_at(self, epoch: float) -> np.ndarray:
         """Phase weights (3 floats summing to 1) at `epoch`, which may be fractional."""
-        if not _is_number(epoch) or not math.isfinite(epoch):
-            raise ValueError(f"epoch must be a finite number, got {epoch!r}")
+        check("epoch", epoch, _is_real, "a finite number")
         mix = np.array([np.interp(epoch, self._epochs, self._mixes[:, phase]) for phase in range(NUM_PHASES)])
         return mix / mix.sum()
 

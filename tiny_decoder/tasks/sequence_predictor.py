@@ -52,7 +52,7 @@ class SequencePredictor(DecoderTask):
         if alpha < 0:
             raise ValueError(f"task.alpha must be >= 0, got {alpha}")
         if family_names is None:
-            from tiny_decoder.data.sequences import FAMILY_NAMES
+            from tiny_decoder.data.sequence_families import FAMILY_NAMES
 
             family_names = list(FAMILY_NAMES)
         self.val_metrics = SequenceMetrics(family_names, num_classes=self.model_config.vocab_size)
