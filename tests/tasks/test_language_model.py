@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 
 from tiny_decoder.cli import typed_request  # noqa: E402
 from tiny_decoder.data import tokenizer as tokenizer_lib  # noqa: E402
-from tiny_decoder.data.tinystories import EOT_TOKEN, TextDataModule  # noqa: E402
+from tiny_decoder.data.text import EOT_TOKEN, TextDataModule  # noqa: E402
 from tiny_decoder.evaluate import evaluation_request  # noqa: E402
 from tiny_decoder.model import ModelConfig  # noqa: E402
 from tiny_decoder.model.generation import generate  # noqa: E402
@@ -293,7 +293,7 @@ def evaluate_config(validation: str | None, workdir: Path, **data) -> OmegaConf:
             "lambada": None,
             "lambada_limit": None,
             "data": {
-                "_target_": "tiny_decoder.data.tinystories.TextDataModule",
+                "_target_": "tiny_decoder.data.text.TextDataModule",
                 "files": {"train": None, "validation": validation, "test": None},
                 "hub_dataset": None,
                 "text_format": "stories",

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tiny_decoder.training.metrics import RANDOM_BASELINES, GroupAccuracy, SequenceMetrics
+from tiny_decoder.training.metrics import RANDOM_BASELINES, GroupAccuracy, SequenceMetrics, bits_per_byte
 
 
 def test_random_baselines_match_the_card():
@@ -45,3 +45,9 @@ def test_sequence_metrics_values():
     assert "val/phase2_acc_last" not in values  # no phase-2 sample seen
     assert values["val_family/a_acc_last"].item() == 1.0 and values["val_family/b_acc_last"].item() == 0.0
     assert values["baseline/mad"].item() == pytest.approx(85.33, abs=5e-3)
+
+
+def test_bits_per_byte_from_a_known_loss():
+    # ln 2 nats per token over 200 bytes of 100 tokens: 1 bit per token, 0.5 bits per byte
+    assert bits_per_byte(math.log(2), bytes_per_token=200 / 100) == pytest.approx(0.5)
+    assert float(bits_per_byte(torch.tensor(math.log(2)), 200 / 100)) == pytest.approx(0.5)

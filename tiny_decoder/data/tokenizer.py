@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tiny_decoder.core.checks import check_int
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EOT = "<|endoftext|>"
@@ -21,11 +23,9 @@ FINGERPRINT_CHARS = 16
 
 def check_vocab_size(vocab_size: int) -> None:
     """Refuse vocab sizes that cannot hold the 256 byte symbols plus the end-of-text token."""
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"data.vocab_size={vocab_size} is too small: a byte-level BPE needs at least "
-            f"{MIN_VOCAB_SIZE} (256 bytes + the end-of-text token)"
-        )
+    check_int(
+        "data.vocab_size", vocab_size, MIN_VOCAB_SIZE, hint=" (a byte-level BPE: 256 bytes + the end-of-text token)"
+    )
 
 
 def train_bpe(texts: Iterable[str] | Iterable[list[str]], vocab_size: int, eot_token: str = DEFAULT_EOT) -> Tokenizer:

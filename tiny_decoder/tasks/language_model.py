@@ -30,6 +30,7 @@ from tiny_decoder.model.generation import generate
 from tiny_decoder.tasks.base import DecoderTask, EvaluationRequest, GenerationRequest, OptimizerFactory
 from tiny_decoder.tasks.checkpoint import TASKS
 from tiny_decoder.training.losses import next_token_cross_entropy
+from tiny_decoder.training.metrics import bits_per_byte
 from tiny_decoder.training.schedulers import SchedulerFactory
 
 DEFAULT_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "The cat")
@@ -37,13 +38,6 @@ DEFAULT_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "The
 SPLIT_OF_PREFIX = {"train": "train", "val": "validation", "test": "test"}
 PREFIX_OF_SPLIT = {split: prefix for prefix, split in SPLIT_OF_PREFIX.items()}
 IGNORE_INDEX = -100
-
-
-def bits_per_byte(loss_nats: torch.Tensor, bytes_per_token: float) -> torch.Tensor:
-    """Mean loss in nats per token -> bits per UTF-8 byte (``loss * tokens / bytes / ln 2``)."""
-    from tiny_decoder.data.tinystories import bits_per_byte as convert  # lazy: importing `datasets` is slow
-
-    return convert(loss_nats, n_tokens=1.0, n_bytes=bytes_per_token)
 
 
 class LanguageModelMetrics(nn.Module):

@@ -4,6 +4,7 @@
 sum states so it reduces correctly across DDP ranks. ``SequenceMetrics`` bundles what the sequence
 predictor reports: loss, accuracy over all positions and at the last one, mean absolute distance of the
 argmax prediction, and last-position accuracy per phase and per family, each next to its random baseline.
+``bits_per_byte`` converts a language model's loss in nats per token into bits per byte of text.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from torchmetrics.classification import MulticlassAccuracy
 # A uniform random predictor over 256 classes: accuracy 1/256, expected |X - Y| for X, Y uniform on
 # 0..255 is (n^2 - 1) / (3n) = 85.33, cross-entropy ln(256) = 5.545.
 RANDOM_BASELINES = {"acc": 1 / 256, "mad": (256**2 - 1) / (3 * 256), "loss": math.log(256)}
+
+
+def bits_per_byte(loss_nats: float | torch.Tensor, bytes_per_token: float) -> float | torch.Tensor:
+    """A mean cross-entropy in nats per token -> bits per UTF-8 byte of the text: ``loss * tokens / bytes / ln 2``
+    (``bytes_per_token``: the split's UTF-8 bytes over its tokens, as a text data module reports it)."""
+    tokens_per_byte = 1.0 / bytes_per_token
+    return loss_nats * tokens_per_byte / math.log(2)
 
 
 class GroupAccuracy(Metric):
