@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tests.helpers import REPO_ROOT, run_module
 from tiny_decoder.run.console import CHATTER
 
 COMMAND = ["+experiment=sequence_strong", "trainer.max_steps=3", "data.val_samples=96", "data.test_samples=96"]
@@ -34,3 +37,15 @@ def test_a_default_run_shows_what_a_user_needs_and_logs_the_rest(tmp_path: Path)
     (log,) = tmp_path.glob("outputs/sequence/*/*/train.log")
     logged = log.read_text()
     assert "GPU available" in logged and "results written to" in logged and "run: +experiment" in logged
+
+
+@pytest.mark.slow
+def test_compiled_generation_prints_its_speed_and_no_autotune_report(tmp_path: Path) -> None:
+    checkpoint = REPO_ROOT / "tests" / "fixtures" / "v1_lm.ckpt"
+    args = [f"ckpt={checkpoint}", "prompt=Once upon a time", "max_new_tokens=8", "compile=true"]
+    result = run_module("tiny_decoder.generate", *args, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("Once upon a time")
+    assert "AUTOTUNE" not in result.stderr and "Warning" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("compiling the decoding step") and "new tokens/s" in lines[-1] and len(lines) == 2

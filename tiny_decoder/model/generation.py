@@ -167,7 +167,12 @@ def next_token_logits(model: DecoderTransformer, ids: torch.Tensor, cache: KVCac
 # inductor settings of the compiled step: weights as constants (freezing) so the GEMMs can prepack them, and
 # max-autotune's GEMM templates (on a CPU its C++ micro-kernels: ~3-4x faster matrix-vector products than
 # the BLAS calls of eager mode at batch 1)
-INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True}
+INDUCTOR_OPTIONS = {
+    "freezing": True,
+    "max_autotune": True,
+    "autotune_num_choices_displayed": 0,  # no per-GEMM timing report on the console
+    "max_autotune_report_choices_stats": False,
+}
 CPU_GEMM_BACKENDS = "CPP,ATEN"
 
 
