@@ -3,6 +3,7 @@ cases run through the real entry point (in this process, see ``run_train``), and
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,29 @@ def test_added_keys_a_component_reads_keep_working(added: str, tmp_path: Path, m
     """``+key=value`` is refused only where nothing reads it: a Trainer argument or a new callback is fine."""
     assert run_train(monkeypatch, *TINY, added, f"hydra.run.dir={tmp_path}") == 0
     assert (tmp_path / "results.json").is_file()
+
+
+def test_the_hub_default_without_a_network_is_one_line_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+):
+    """``+experiment=stories_tiny`` with no network and no local files: one line saying how to pass files, without
+    the Hub client's ~30 s of retries (no host resolves here, as on this project's machines)."""
+    monkeypatch.setattr("tiny_decoder.data.text_formats.hub_reachable", lambda host="huggingface.co": False)
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(flag, raising=False)
+    started = time.perf_counter()
+    code = run_train(monkeypatch, "+experiment=stories_tiny", "debug=fast", f"hydra.run.dir={tmp_path}",
+                     f"data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    assert code == 2 and time.perf_counter() - started < 60
+    errors = capsys.readouterr().err
+    lines = [line for line in errors.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in errors
+    assert "cannot be reached; pass local files instead: data.files.train=PATH [data.files.validation=PATH]" in lines[0]
+
+
+def test_data_files_as_one_path_is_the_training_file(shared_data: Path, tmp_path: Path):
+    stories = shared_data / "tinystories" / "tinystories_3000.txt"
+    overrides = [f"data.files={stories}", "data.max_train_docs=300", f"data.cache_dir={tmp_path / 'cache'}"]
+    result = run_module("tiny_decoder.train", "+experiment=stories_tiny", "debug=fast", *overrides, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("outputs/lm/*/*/results.json"))

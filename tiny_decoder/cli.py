@@ -36,6 +36,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
+from rich.markup import escape
 
 from tiny_decoder.core.errors import one_line, user_error, user_error_types
 from tiny_decoder.run.console import quiet_console
@@ -48,7 +49,7 @@ USER_ERROR_EXIT_CODE = 2
 
 
 def print_error(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
 
 
 def run_cli(function: Callable[..., T], *args: Any) -> T:

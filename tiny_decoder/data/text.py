@@ -140,9 +140,13 @@ class TextDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- configuration helpers
 
     @staticmethod
-    def _normalize_files(files: Mapping | None, need_train: bool = True) -> dict[str, list[Path]] | None:
+    def _normalize_files(
+        files: Mapping | str | Path | list | None, need_train: bool = True
+    ) -> dict[str, list[Path]] | None:
         if files is None:
             return None
+        if not isinstance(files, Mapping):  # data.files=stories.txt (or a list of files): the training split
+            files = {"train": files}
         normalized = {str(split): _as_path_list(paths) for split, paths in files.items() if paths is not None}
         if not normalized:
             return None

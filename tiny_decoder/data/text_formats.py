@@ -10,6 +10,8 @@ is given.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,11 +147,44 @@ def text_format(name: str) -> TextFormat:
 # ----------------------------------------------------------------------------- reading the splits
 
 
+HUB_HOST = "huggingface.co"
+LOCAL_FILES_HINT = (
+    "pass local files instead: data.files.train=PATH [data.files.validation=PATH] (.txt, .json or .jsonl), or, if "
+    "the dataset is already in your Hugging Face cache, set HF_HUB_OFFLINE=1"
+)
+
+
+def hub_reachable(host: str = HUB_HOST) -> bool:
+    """Whether ``host`` resolves (a quick check: without a network the Hub client retries for ~30 s)."""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
+def load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
+    """Every split of the Hub dataset ``name``; one ConfigError, at once, when it cannot be had."""
+    offline = any(os.environ.get(flag, "").lower() in ("1", "true", "yes") for flag in OFFLINE_FLAGS)
+    if not offline and not hub_reachable():
+        raise ConfigError(
+            f"data.hub_dataset={name}: the Hugging Face Hub ({HUB_HOST}) cannot be reached; {LOCAL_FILES_HINT}"
+        )
+    try:
+        return dict(datasets.load_dataset(name))
+    except (ConnectionError, OSError, ValueError) as error:  # offline and not cached, unknown name, ...
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"data.hub_dataset={name}: cannot load it ({reason}); {LOCAL_FILES_HINT}") from error
+
+
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
 def _read_raw_splits(
     files: dict[str, list[Path]] | None, hub_dataset: str | None, fmt: TextFormat, hf_cache: str
 ) -> dict[str, datasets.Dataset]:
     if files is None:
-        return dict(datasets.load_dataset(hub_dataset))
+        return load_hub_dataset(str(hub_dataset))
     return {
         split: datasets.concatenate_datasets([fmt.read_file(p, hf_cache) for p in paths])
         for split, paths in files.items()
