@@ -52,8 +52,11 @@ def test_generation_rows_are_consistent(report):
     assert [r["new_tokens"] for r in rows] == [8, 256]  # 256 > the smoke model's 32-token context: cropped window
     for row in rows:
         assert min(row["recompute_tokens_per_s"], row["cached_tokens_per_s"], row["compiled_tokens_per_s"]) > 0
-        assert row["cache_speedup"] == round(row["cached_tokens_per_s"] / row["recompute_tokens_per_s"], 2)
-        assert row["compiled_speedup"] == round(row["compiled_tokens_per_s"] / row["recompute_tokens_per_s"], 2)
+        # the speedups come from the unrounded rates, the rates are printed to 0.1 token/s: equal within that
+        for speedup, rate in (("cache_speedup", "cached_tokens_per_s"), ("compiled_speedup", "compiled_tokens_per_s")):
+            ratio = row[rate] / row["recompute_tokens_per_s"]
+            slack = 0.01 + ratio * 0.1 / min(row[rate], row["recompute_tokens_per_s"])
+            assert row[speedup] == pytest.approx(ratio, abs=slack)
         assert row["compile_s"] > 0
 
 
