@@ -74,6 +74,8 @@ def check_argument(node: str, target: str, name: str) -> None:
     raise ConfigError(f"+{node}.{name}: {target} takes no argument {name!r}{hint}")
 
 
+# the model and its parts: ModelConfig and the part registries refuse an unknown option with their own message
+SELF_CHECKED = ("model", "activation", "norm", "attention", "positional", "depth")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the config groups (a `+group=option` is no key)
 # nodes whose entries are themselves instantiated components: a new entry is a new component (its _target_ says)
 COMPONENT_COLLECTIONS = ("callbacks", "logger")
@@ -90,7 +92,7 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
         parent, _, name = key.rpartition(".")
         if (CONF_DIR / key.replace(".", "/")).is_dir():  # +experiment=NAME, +hparams_search=...: a config group
             continue
-        if key.split(".", 1)[0] in (*COMPONENT_COLLECTIONS, "hydra") or name == "_target_":
+        if key.split(".", 1)[0] in (*COMPONENT_COLLECTIONS, *SELF_CHECKED, "hydra") or name == "_target_":
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig) and "_target_" in node:
