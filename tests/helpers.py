@@ -3,6 +3,7 @@ run a command-line tool (in a subprocess, as a user does, or in this process thr
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import subprocess
@@ -12,8 +13,6 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-
-from tiny_decoder.train import cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -48,16 +47,18 @@ def run_module(module: str, *args: str, timeout: int = 240, cwd: Path = REPO_ROO
     )
 
 
-def run_train(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    """``python -m tiny_decoder.train ARGS`` in this process; the exit code (0 when it returns)."""
-    monkeypatch.setattr(sys, "argv", ["tiny_decoder.train", *args])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # recorded, so what cli() sets is undone after the test
+def run_tool(monkeypatch: pytest.MonkeyPatch, tool: str, *args: str) -> int:
+    """``python -m tiny_decoder.<tool> ARGS`` in this process, through its real entry point; the exit code (0
+    when it returns). Hydra's global state and job logging are undone afterwards."""
+    main = importlib.import_module(f"tiny_decoder.{tool}").main
+    monkeypatch.setattr(sys, "argv", [f"tiny_decoder.{tool}", *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # recorded, so what the entry point sets is undone after the test
     monkeypatch.delenv("HYDRA_FULL_ERROR")
     monkeypatch.delenv("TINY_DECODER_TRACEBACK", raising=False)
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
-        cli()
+        main()
     except SystemExit as stop:
         return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
     finally:
@@ -67,3 +68,8 @@ def run_train(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
             handler.close()
         root.handlers[:], root.level = handlers, level
     return 0
+
+
+def run_train(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """``python -m tiny_decoder.train ARGS`` in this process (:func:`run_tool`)."""
+    return run_tool(monkeypatch, "train", *args)

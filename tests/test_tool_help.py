@@ -4,23 +4,19 @@ takes none), and the usage examples it prints run."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
 import re
 import shlex
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from tests.helpers import CONF_DIR, REPO_ROOT, run_module
+from tests.helpers import CONF_DIR, REPO_ROOT, run_module, run_tool
 
 TOOLS = ("generate", "evaluate", "estimate", "summary")
 # the options each help must list (key=...); generate and evaluate: every key of their config, checked below
@@ -142,28 +138,6 @@ def substitute(arg: str) -> str:
     return arg
 
 
-def run_tool(monkeypatch: pytest.MonkeyPatch, tool: str, args: list[str]) -> int:
-    """``python -m tiny_decoder.<tool> ARGS`` in this process, through its real entry point; the exit code."""
-    main = importlib.import_module(f"tiny_decoder.{tool}").main
-    monkeypatch.setattr(sys, "argv", [f"tiny_decoder.{tool}", *args])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # recorded, so what the entry point sets is undone after the test
-    monkeypatch.delenv("HYDRA_FULL_ERROR")
-    monkeypatch.delenv("TINY_DECODER_TRACEBACK", raising=False)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        main()
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else int(stop.code is not None)
-    finally:
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = None
-        for handler in set(root.handlers) - set(handlers):  # Hydra's job logging: back to pytest's
-            handler.close()
-        root.handlers[:], root.level = handlers, level
-    return 0
-
-
 @pytest.mark.parametrize("tool", TOOLS)
 def test_the_usage_examples_of_the_help_run(helps, tool: str, tmp_path: Path, monkeypatch, capsys):
     """Every example the help prints runs (checkpoint placeholders -> the fixtures' small checkpoints; the
@@ -177,7 +151,7 @@ def test_the_usage_examples_of_the_help_run(helps, tool: str, tmp_path: Path, mo
     (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in passages))
     for args in commands:
         args = [substitute(arg) for arg in args]
-        assert run_tool(monkeypatch, tool, args) == 0, (args, capsys.readouterr())
+        assert run_tool(monkeypatch, tool, *args) == 0, (args, capsys.readouterr())
         out = capsys.readouterr().out
         assert out.strip(), args
         if tool == "generate" and any(arg.startswith("sequence=") for arg in args):

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tests.data.text_helpers import DATA_DIR, STORIES_FILE, require, write_stories  # noqa: E402
 from tiny_decoder.cli import typed_request  # noqa: E402
 from tiny_decoder.data import tokenizer as tokenizer_lib  # noqa: E402
 from tiny_decoder.data.text import EOT_TOKEN, TextDataModule  # noqa: E402
@@ -37,23 +38,10 @@ from tiny_decoder.tasks.language_model import (  # noqa: E402
     read_lambada,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-STORIES_FILE = DATA_DIR / "tinystories" / "tinystories_v2_train_head.txt"
 LAMBADA_FILE = DATA_DIR / "lambada" / "lambada_test.jsonl"
 VOCAB = 320
 CONTEXT = 64
 STEPS = 30
-
-
-def require(path: Path) -> Path:
-    if not path.is_file():
-        pytest.skip(f"missing shared data file {path}")
-    return path
-
-
-def write_stories(path: Path, docs: list[str]) -> str:
-    path.write_text("".join(f"{doc}\n{EOT_TOKEN}\n" for doc in docs), encoding="utf-8")
-    return str(path)
 
 
 def make_dm(files: dict, cache_dir: Path, **overrides) -> TextDataModule:
@@ -121,8 +109,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def files(workdir, stories) -> dict[str, str]:
     return {
-        "train": write_stories(workdir / "train.txt", stories[:160]),
-        "validation": write_stories(workdir / "val.txt", stories[160:190]),
+        "train": str(write_stories(workdir / "train.txt", stories[:160])),
+        "validation": str(write_stories(workdir / "val.txt", stories[160:190])),
     }
 
 
@@ -149,7 +137,7 @@ def loaded(trained) -> LanguageModel:
 @pytest.fixture(scope="module")
 def other_tokenizer(workdir, stories) -> Path:
     """A tokenizer of the same size trained on other stories (so another fingerprint), saved as a file."""
-    dm = make_dm({"train": write_stories(workdir / "other.txt", stories[190:])}, workdir / "cache")
+    dm = make_dm({"train": str(write_stories(workdir / "other.txt", stories[190:]))}, workdir / "cache")
     dm.setup()
     path = workdir / "other_tokenizer.json"
     dm.tokenizer.save(str(path))
