@@ -54,9 +54,10 @@ def print_error(message: str) -> None:
 
 def run_cli(function: Callable[..., T], *args: Any) -> T:
     """Call ``function``; a user error is printed as one line and exits with its code (2 by default)."""
+    caught: tuple[type[BaseException], ...] = (*user_error_types(), InstantiationException)
     try:
         return function(*args)
-    except (*user_error_types(), InstantiationException) as error:
+    except caught as error:
         cause = user_error(error)
         if cause is None or os.environ.get("TINY_DECODER_TRACEBACK"):
             raise

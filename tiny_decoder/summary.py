@@ -122,9 +122,9 @@ def input_ids(cfg: DictConfig, config: ModelConfig, tokenizer_source: Any) -> tu
         return ids, [str(i) for i in ids[0].tolist()]
     text = str(cfg.input)
     tokenizer = find_tokenizer(tokenizer_source, cfg)
-    ids, tokens = encode(tokenizer, text) if tokenizer is not None else integer_tokens(text)
-    check_ids(ids, config, text)
-    return torch.tensor([ids], dtype=torch.long), tokens
+    token_ids, tokens = encode(tokenizer, text) if tokenizer is not None else integer_tokens(text)
+    check_ids(token_ids, config, text)
+    return torch.tensor([token_ids], dtype=torch.long), tokens
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -9,22 +9,28 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from tiny_decoder.core.errors import ConfigError
 
+# what a registry holds: any factory by default; a part whose entries are used beyond being called (a class's
+# ``check``, a placement's ``uses_norm``) names their type, e.g. ``Registry[type[Placement]]``
+F = TypeVar("F", bound=Callable[..., Any], default=Callable[..., Any])
 
-class Registry:
+
+class Registry(Generic[F]):
     """Maps names to factories for one model part (e.g. ``attention``)."""
 
     def __init__(self, field: str, group: str | None = None, supplied: tuple[str, ...] = ()):
         self.field = field  # dotted config field, e.g. "model.attention.name"
         self.group = group  # Hydra config group that selects it, e.g. "attention"
         self.supplied = supplied  # arguments the model passes itself; not user options
-        self._entries: dict[str, Callable[..., Any]] = {}
+        self._entries: dict[str, F] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        def decorator(factory: Callable[..., Any]) -> Callable[..., Any]:
+    def register(self, name: str) -> Callable[[F], F]:
+        def decorator(factory: F) -> F:
             if name in self._entries:
                 raise KeyError(f"{self.field}: '{name}' registered twice")
             self._entries[name] = factory
@@ -49,7 +55,7 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def get(self, name: str) -> Callable[..., Any]:
+    def get(self, name: str) -> F:
         if name not in self._entries:
             hint = f" (choose with {self.group}=<name>)" if self.group else ""
             raise ConfigError(f"{self.field}='{name}' is unknown; choose one of: {', '.join(self.names())}{hint}")

@@ -24,6 +24,7 @@ from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.cache import KVCache
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.positional import AttentionInputs, apply_rotary
+from tiny_decoder.model.residual_init import is_residual_projection, mark_residual_projection
 
 ATTENTION = Registry("model.attention.name", group="attention", supplied=("config", "layer_index"))
 
@@ -45,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout_p = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.proj.is_residual_projection = True
+        mark_residual_projection(self.proj)
         self.head_gate: torch.Tensor | None = None  # (n_heads,) factor on each head's output; None: no gate
 
     @property
@@ -97,8 +98,8 @@ def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linea
         out.weight.copy_(weight)
         if bias is not None:
             out.bias.copy_(bias.detach().index_select(0, index) if dim == 0 else bias.detach())
-    if getattr(linear, "is_residual_projection", False):
-        out.is_residual_projection = True
+    if is_residual_projection(linear):
+        mark_residual_projection(out)
     return out
 
 

@@ -65,10 +65,15 @@ class KVCache:
 
     def advance(self, n_tokens: int) -> None:
         """Called once per forward, after every layer appended its ``n_tokens`` new positions."""
-        self.length += n_tokens
+        self._length += n_tokens
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far."""
+        return self._length
 
     def reset(self) -> None:
-        self.length = 0
+        self._length = 0
 
 
 class StaticKVCache(KVCache):

@@ -55,7 +55,7 @@ class ModelConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"model.{unknown[0]} is not a model option; valid options: {', '.join(sorted(known))}")
-        plain = {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+        plain: dict[str, Any] = {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
         config = cls(**plain)
         config.validate()
         return config

@@ -19,7 +19,7 @@ of the last forward went through.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ Readout = Callable[[torch.Tensor], torch.Tensor]
 
 
 def run_blocks(
-    blocks: Sequence[nn.Module], x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None
+    blocks: Iterable[nn.Module], x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None
 ) -> torch.Tensor:
     for block in blocks:
         x = block(x, inputs, cache)

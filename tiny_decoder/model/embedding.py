@@ -9,6 +9,8 @@ to ``d_model`` with a learned linear layer.
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import nn
 
@@ -16,7 +18,18 @@ from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.config import ModelConfig
 
-EMBEDDINGS = Registry("model.embedding.name", group="model.embedding.name", supplied=("config",))
+
+class EmbeddingFactory(Protocol):
+    """An embedding class: built from the config and its options, and checks the config it is used with."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module: ...
+
+    def check(self, config: ModelConfig) -> None: ...
+
+
+EMBEDDINGS: Registry[EmbeddingFactory] = Registry(
+    "model.embedding.name", group="model.embedding.name", supplied=("config",)
+)
 
 
 @EMBEDDINGS.register("token")
@@ -28,7 +41,7 @@ class TokenEmbedding(nn.Module):
         self.table = nn.Embedding(config.vocab_size, config.d_model)
 
     @property
-    def weight(self) -> nn.Parameter:
+    def weight(self) -> torch.Tensor:
         return self.table.weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -42,6 +55,8 @@ class TokenEmbedding(nn.Module):
 class ScalarFeature(nn.Module):
     """Maps a ``(..., 1)`` feature to ``d_model``: onto a fixed axis when ``d_model == 2`` (no parameters,
     the design card's encoding), else through a learned ``Linear(1, d_model)``."""
+
+    direction: torch.Tensor  # buffer
 
     def __init__(self, d_model: int, axis: int):
         super().__init__()

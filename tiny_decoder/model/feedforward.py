@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from tiny_decoder.core.registry import Registry
+from tiny_decoder.model.residual_init import mark_residual_projection
 
 ACTIVATIONS = Registry("model.activation.name", group="activation", supplied=("d_model", "d_ff", "bias"))
 
@@ -24,7 +25,7 @@ class FeedForward(nn.Module):
         self.up = nn.Linear(d_model, d_ff, bias=bias)
         self.act = activation
         self.down = nn.Linear(d_ff, d_model, bias=bias)
-        self.down.is_residual_projection = True
+        mark_residual_projection(self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(x)))
@@ -39,7 +40,7 @@ class GatedFeedForward(nn.Module):
         self.up = nn.Linear(d_model, hidden, bias=bias)
         self.act = activation
         self.down = nn.Linear(hidden, d_model, bias=bias)
-        self.down.is_residual_projection = True
+        mark_residual_projection(self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.gate(x)) * self.up(x))

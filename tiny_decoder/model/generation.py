@@ -167,7 +167,7 @@ def next_token_logits(model: DecoderTransformer, ids: torch.Tensor, cache: KVCac
 # inductor settings of the compiled step: weights as constants (freezing) so the GEMMs can prepack them, and
 # max-autotune's GEMM templates (on a CPU its C++ micro-kernels: ~3-4x faster matrix-vector products than
 # the BLAS calls of eager mode at batch 1)
-INDUCTOR_OPTIONS = {
+INDUCTOR_OPTIONS: dict[str, bool | int | str] = {
     "freezing": True,
     "max_autotune": True,
     "autotune_num_choices_displayed": 0,  # no per-GEMM timing report on the console
@@ -176,7 +176,7 @@ INDUCTOR_OPTIONS = {
 CPU_GEMM_BACKENDS = "CPP,ATEN"
 
 
-def inductor_options(device: torch.device) -> dict:
+def inductor_options(device: torch.device) -> dict[str, bool | int | str]:
     options = dict(INDUCTOR_OPTIONS)
     if device.type == "cpu":
         options["max_autotune_gemm_backends"] = CPU_GEMM_BACKENDS

@@ -7,16 +7,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from tiny_decoder.core.registry import Registry
 
-NORMS = Registry("model.norm.kind", group="norm.kind")
-PLACEMENTS = Registry("model.norm.placement", group="norm")
-
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Placement(Protocol):
+    """A residual wiring ``(x, sublayer, norm) -> output``, and which norms it needs."""
+
+    uses_norm: bool  # each residual branch has a norm layer
+    final_norm: bool  # the stack ends with a final norm before the head
+
+    def __call__(self, x: torch.Tensor, sublayer: Sublayer, norm: nn.Module) -> torch.Tensor: ...
+
+
+NORMS = Registry("model.norm.kind", group="norm.kind")
+PLACEMENTS: Registry[type[Placement]] = Registry("model.norm.placement", group="norm")
 
 
 @NORMS.register("layernorm")

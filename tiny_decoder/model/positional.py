@@ -26,7 +26,9 @@ from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.embedding import ScalarFeature
 
-POSITIONAL = Registry("model.positional.name", group="positional", supplied=("config",))
+POSITIONAL: Registry[type[PositionalEncoding]] = Registry(
+    "model.positional.name", group="positional", supplied=("config",)
+)
 
 
 @dataclass
@@ -105,6 +107,8 @@ def sinusoid_table(positions: torch.Tensor, dim: int, base: float = 10000.0) -> 
 class SinusoidalPositional(PositionalEncoding):
     """Fixed sin/cos encoding, precomputed for ``context_length`` positions."""
 
+    table: torch.Tensor  # buffer
+
     def __init__(self, config: ModelConfig, base: float = 10000.0):
         super().__init__(config)
         table = sinusoid_table(torch.arange(config.context_length), config.d_model, base)
@@ -133,13 +137,14 @@ class RotaryPositional(PositionalEncoding):
 
     def __init__(self, config: ModelConfig, base: float = 10000.0):
         super().__init__(config)
-        self.half = config.head_dim // 2
+        self.half_dim = config.head_dim // 2  # not ``half``: that is nn.Module.half()
         self.base = base
 
     def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # computed per call, not stored as buffers: ``model.to(bfloat16)`` would cast buffers, and
         # the angles must stay fp32
-        inv_freq = self.base ** (-torch.arange(self.half, dtype=torch.float32, device=positions.device) / self.half)
+        steps = torch.arange(self.half_dim, dtype=torch.float32, device=positions.device)
+        inv_freq = self.base ** (-steps / self.half_dim)
         angles = positions.float().unsqueeze(1) * inv_freq
         return angles.cos(), angles.sin()
 
@@ -175,6 +180,8 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 @POSITIONAL.register("alibi")
 class ALiBiPositional(PositionalEncoding):
     """Linear distance penalty ``-slope_h * (i - j)`` added to attention scores."""
+
+    slopes: torch.Tensor  # buffer
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)

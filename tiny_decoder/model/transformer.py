@@ -8,18 +8,20 @@ registries from a validated :class:`ModelConfig`.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
 
-from tiny_decoder.model.attention import ATTENTION
+from tiny_decoder.model.attention import ATTENTION, CausalSelfAttention
 from tiny_decoder.model.cache import KVCache, StaticKVCache
 from tiny_decoder.model.config import ModelConfig
 from tiny_decoder.model.depth import DEPTH
 from tiny_decoder.model.embedding import EMBEDDINGS
 from tiny_decoder.model.feedforward import ACTIVATIONS
-from tiny_decoder.model.norm import PLACEMENTS, build_norm
+from tiny_decoder.model.norm import PLACEMENTS, Placement, build_norm
 from tiny_decoder.model.positional import POSITIONAL, AttentionInputs
+from tiny_decoder.model.residual_init import is_residual_projection
 from tiny_decoder.model.validation import validate_model_config
 
 
@@ -35,11 +37,13 @@ class Block(nn.Module):
         super().__init__()
         attention_name, attention_options = _options(config.attention)
         activation_name, activation_options = _options(config.activation)
-        self.attn = ATTENTION.build(attention_name, config, layer_index, **attention_options)
-        self.ff = ACTIVATIONS.build(activation_name, config.d_model, config.d_ff, config.bias, **activation_options)
+        self.attn: CausalSelfAttention = ATTENTION.build(attention_name, config, layer_index, **attention_options)
+        self.ff: nn.Module = ACTIVATIONS.build(
+            activation_name, config.d_model, config.d_ff, config.bias, **activation_options
+        )
         self.norm_attn = build_norm(config.norm, config.d_model)
         self.norm_ff = build_norm(config.norm, config.d_model)
-        self.residual = PLACEMENTS.build(config.norm["placement"])
+        self.residual: Placement = PLACEMENTS.build(config.norm["placement"])
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, inputs: AttentionInputs, cache: KVCache | None = None) -> torch.Tensor:
@@ -72,7 +76,7 @@ class DecoderTransformer(nn.Module):
         """GPT-2 init: N(0, init_std), residual projections scaled by 1/sqrt(2 * n_layers)."""
         std = self.config.init_std
         if isinstance(module, nn.Linear) and module.in_features > 1:
-            scale = 1 / math.sqrt(2 * self.config.n_layers) if getattr(module, "is_residual_projection", False) else 1
+            scale = 1 / math.sqrt(2 * self.config.n_layers) if is_residual_projection(module) else 1
             nn.init.normal_(module.weight, mean=0.0, std=std * scale)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -97,12 +101,12 @@ class DecoderTransformer(nn.Module):
                 f"a KV cache of {max_length} positions exceeds model.context_length={self.config.context_length}"
             )
         if static and not self.supports_static_cache:
-            names = sorted({type(block.attn).__name__ for block in self.blocks if not block.attn.supports_static_cache})
+            names = sorted({type(block.attn).__name__ for block in self.layers if not block.attn.supports_static_cache})
             raise ValueError(f"{', '.join(names)} cannot decode with a static KV cache; use attention=sdpa or standard")
         weight = self.head.weight
         cache_type = StaticKVCache if static else KVCache
         return cache_type(
-            [block.attn.n_heads for block in self.blocks],
+            [block.attn.n_heads for block in self.layers],
             batch_size,
             self.config.head_dim,
             max_length,
@@ -111,9 +115,14 @@ class DecoderTransformer(nn.Module):
         )
 
     @property
+    def layers(self) -> list[Block]:
+        """The blocks, typed as such (``self.blocks`` is an ``nn.ModuleList``, whose items are plain Modules)."""
+        return cast("list[Block]", list(self.blocks))
+
+    @property
     def supports_static_cache(self) -> bool:
         """Every layer's attention can attend over padded (partly unwritten) static cache buffers."""
-        return all(block.attn.supports_static_cache for block in self.blocks)
+        return all(block.attn.supports_static_cache for block in self.layers)
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of hidden states ``(..., d_model)``: the final norm (if any), then the head. Early exit reads
