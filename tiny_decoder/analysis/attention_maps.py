@@ -14,20 +14,21 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from torch import nn
 
 from tiny_decoder.model import DecoderTransformer, ModelConfig
-from tiny_decoder.model.attention import masked_scores
-from tiny_decoder.model.efficient_attention import window_mask
+from tiny_decoder.model.attention import CausalSelfAttention, StandardAttention, masked_scores
+from tiny_decoder.model.efficient_attention import LongformerAttention, window_mask
 from tiny_decoder.model.positional import AttentionInputs
 
 MAX_TICK_LABEL = 8
 MAX_TICKS = 16
+
+A = TypeVar("A", bound=CausalSelfAttention)
 
 
 def tokenizer_of(source: Any) -> Any | None:
@@ -44,19 +45,26 @@ def token_label(tokenizer: Any, token_id: int) -> str:
     return text.replace(" ", "·").replace("\n", "\\n") or str(token_id)
 
 
-def attention_modules(model: DecoderTransformer) -> list[nn.Module]:
-    return [block.attn for block in model.blocks]
+def attention_modules(model: DecoderTransformer) -> list[CausalSelfAttention]:
+    return [block.attn for block in model.layers]
+
+
+def recorded_weights(module: StandardAttention) -> torch.Tensor:
+    """Batch element 0 of the weights ``module`` recorded in the last forward."""
+    if module.last_weights is None:
+        raise RuntimeError(f"layer {module.layer_index} recorded no attention weights (record_weights is off)")
+    return module.last_weights[0]
 
 
 def standard_weights(model: DecoderTransformer, ids: torch.Tensor) -> torch.Tensor:
     """``(layers, heads, T, T)`` softmax weights recorded by every ``StandardAttention`` of one forward."""
-    modules = attention_modules(model)
+    modules = cast("list[StandardAttention]", attention_modules(model))  # called for attention=standard only
     for module in modules:
         module.record_weights = True
     try:
         with torch.no_grad():
             model(ids)
-        return torch.stack([module.last_weights[0] for module in modules])
+        return torch.stack([recorded_weights(module) for module in modules])
     finally:
         for module in modules:
             module.record_weights, module.last_weights = False, None
@@ -70,19 +78,19 @@ def as_standard_weights(model: DecoderTransformer, ids: torch.Tensor) -> torch.T
     return standard_weights(standard.eval(), ids)
 
 
-def window_visible(module: nn.Module, inputs: AttentionInputs) -> torch.Tensor:
+def window_visible(module: LongformerAttention, inputs: AttentionInputs) -> torch.Tensor:
     """The mask a longformer layer attends under (the one its ``masked`` implementation uses)."""
     return window_mask(inputs, module.window, module.n_global)
 
 
 @contextmanager
 def recomputed_weights(
-    modules: Sequence[nn.Module], visible: Callable[[nn.Module, AttentionInputs], torch.Tensor]
+    modules: Sequence[A], visible: Callable[[A, AttentionInputs], torch.Tensor]
 ) -> Iterator[list[torch.Tensor]]:
     """Wrap each module's ``attend`` so it also records ``softmax(masked_scores)`` under ``visible``."""
     records: list[torch.Tensor] = []
 
-    def wrap(module: nn.Module) -> Callable[..., torch.Tensor]:
+    def wrap(module: A) -> Callable[..., torch.Tensor]:
         original = module.attend
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
@@ -93,7 +101,7 @@ def recomputed_weights(
         return attend
 
     for module in modules:
-        module.attend = wrap(module)
+        module.__dict__["attend"] = wrap(module)  # an instance attribute shadowing the method, deleted below
     try:
         yield records
     finally:
@@ -102,7 +110,8 @@ def recomputed_weights(
 
 
 def longformer_weights(model: DecoderTransformer, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad(), recomputed_weights(attention_modules(model), window_visible) as records:
+    modules = cast("list[LongformerAttention]", attention_modules(model))  # called for attention=longformer only
+    with torch.no_grad(), recomputed_weights(modules, window_visible) as records:
         model(ids)
     return torch.stack([weights[0] for weights in records])
 
@@ -154,6 +163,7 @@ def save_attention_png(weights: torch.Tensor, tokens: list[str], path: Path, tit
         ax.set_yticks(ticks, labels, fontsize=7)
         ax.set_xlabel("key", fontsize=8)
         ax.set_ylabel("query", fontsize=8)
+    assert image is not None  # a model has at least one layer and head
     figure.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     figure.suptitle(title)
     path = Path(path)

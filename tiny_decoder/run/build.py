@@ -6,15 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tiny_decoder.run.config_checks import build_model_config, check_added_keys, validate_config
+from tiny_decoder.run.config_checks import build_model_config, check_added_keys, resolved_dict, validate_config
 from tiny_decoder.run.resume import continue_checkpoints_in, current_overrides, resolve_resume
+
+if TYPE_CHECKING:
+    from tiny_decoder.tasks.base import DecoderTask
 
 
 def instantiate_named(group: DictConfig | None) -> list[Any]:
@@ -29,7 +32,7 @@ class Run:
     """What ``train(cfg)`` builds before fitting (also used by ``benchmarks/training.py``)."""
 
     datamodule: L.LightningDataModule
-    task: L.LightningModule
+    task: DecoderTask
     trainer: L.Trainer
     ckpt_path: str | None  # the checkpoint to resume from
 
@@ -79,7 +82,7 @@ def set_threads(torch_threads: int | str | None, parameters: int) -> int:
 
 def compile_options(cfg: DictConfig) -> dict[str, Any]:
     """``torch.compile`` keyword arguments from ``compile_options`` (null entries: torch's defaults)."""
-    options = OmegaConf.to_container(cfg.get("compile_options") or {}, resolve=True)
+    options = resolved_dict(cfg.get("compile_options") or {})
     return {key: value for key, value in options.items() if value is not None}
 
 

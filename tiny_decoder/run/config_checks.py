@@ -8,7 +8,7 @@ import difflib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 from hydra._internal.utils import _locate
@@ -107,10 +107,17 @@ def check_added_keys(cfg: DictConfig, overrides: Sequence[str]) -> None:
         )
 
 
+def resolved_dict(node: Any) -> dict[str, Any]:
+    """``node`` (a config mapping) as a plain resolved dict (``OmegaConf.to_container`` is typed for any node)."""
+    container = OmegaConf.to_container(node, resolve=True)
+    assert isinstance(container, dict), f"expected a config mapping, got {type(container).__name__}"
+    return cast("dict[str, Any]", container)  # a config mapping's keys are its field names
+
+
 def build_model_config(cfg: DictConfig, datamodule: L.LightningDataModule) -> dict[str, Any]:
     """The resolved model config with ``vocab_size`` / ``context_length`` taken from the data when null;
     fails when the data does not fit the model (longer sequences than its positions, more token ids)."""
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = resolved_dict(cfg.model)
     for field in ("vocab_size", "context_length"):
         if model.get(field) is None:
             model[field] = int(getattr(datamodule, field))

@@ -11,24 +11,30 @@ import math
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from tiny_decoder.core.errors import one_line, user_error
 from tiny_decoder.run.build import build_run
+from tiny_decoder.run.config_checks import resolved_dict
 from tiny_decoder.run.console import print_metrics
 from tiny_decoder.run.resume import current_overrides
 from tiny_decoder.run.run_dir import RunDir
 from tiny_decoder.training.callbacks import interrupted_error
+
+if TYPE_CHECKING:
+    from tiny_decoder.tasks.base import DecoderTask
 
 log = logging.getLogger(__name__)
 NOT_VALIDATION = ("train/", "lr-", "lr/")  # logged while fitting, but not validation metrics
@@ -39,7 +45,7 @@ class RunResult:
     """What a finished run leaves behind (also written to ``results.json``)."""
 
     trainer: L.Trainer
-    task: L.LightningModule
+    task: DecoderTask
     results: dict[str, Any]
     metric: float | None
 
@@ -52,11 +58,13 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
     log.info("%s", run_banner(cfg, run))
     datamodule, task, trainer = run.datamodule, run.task, run.trainer
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved_dict(cfg))
     _fit(trainer, task, datamodule, run.ckpt_path)
     fit_metrics = _scalars(trainer.callback_metrics)
-    checkpoint = trainer.checkpoint_callback
+    # the first checkpoint callback (the config's ModelCheckpoint; no other kind is configured)
+    checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
     best_path = checkpoint.best_model_path if checkpoint else ""
+    best_score = checkpoint.best_model_score if checkpoint and best_path else None
     test_metrics: dict[str, float] = {}
     if cfg.test:
         # the best checkpoint's weights go into the task (EarlyStopping alone would leave the last ones)
@@ -65,12 +73,12 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
         test_metrics = _scalars(tested[0])
         if trainer.is_global_zero:
             print_metrics(test_metrics, "test, best checkpoint")
-    results = {
+    results: dict[str, Any] = {
         "val": {k: v for k, v in fit_metrics.items() if not k.startswith(NOT_VALIDATION)},
         "train": {k: v for k, v in fit_metrics.items() if k.startswith(NOT_VALIDATION)},  # loss, learning rates
         "test": test_metrics,
         "best_checkpoint": best_path,
-        "best_score": float(checkpoint.best_model_score) if best_path and checkpoint.best_model_score else None,
+        "best_score": float(best_score) if best_score else None,
         "global_step": trainer.global_step,
         "epochs": trainer.current_epoch,
         "parameters": task.model.num_parameters(),
@@ -107,7 +115,7 @@ def _fit(trainer: L.Trainer, task: L.LightningModule, datamodule: Any, ckpt_path
         raise interrupted_error(trainer) from stop
 
 
-def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and _is_scalar(v)}
 
 
@@ -127,7 +135,7 @@ def train(cfg: DictConfig) -> float | None:
     (the sweep goes on), otherwise it is raised. The W&B run, if any, is always finished.
     """
     run_dir = RunDir(_output_dir(cfg))
-    run_dir.clear_error(rank_zero_only.rank)
+    run_dir.clear_error(process_rank())
     failed = True
     try:
         metric = fit_and_test(cfg).metric
@@ -141,6 +149,12 @@ def train(cfg: DictConfig) -> float | None:
         return math.nan
     finally:
         finish_wandb(failed)
+
+
+def process_rank() -> int:
+    """This process's global rank as Lightning set it at import (``rank_zero_only.rank``: an attribute Lightning
+    adds to that function, unknown to its type)."""
+    return getattr(rank_zero_only, "rank", 0)
 
 
 def in_multirun() -> bool:
@@ -158,7 +172,7 @@ def record_failure(run_dir: RunDir, error: BaseException) -> Path:
     """``error.txt``: the traceback, then ``<ExceptionType>: <message>`` of the user-level cause as last line."""
     cause = user_error(error) or error
     text = "".join(traceback.format_exception(error)) + f"\n{type(cause).__name__}: {one_line(cause)}\n"
-    return run_dir.write_error(text, rank_zero_only.rank)
+    return run_dir.write_error(text, process_rank())
 
 
 def finish_wandb(failed: bool) -> None:

@@ -6,7 +6,7 @@ whose ``training_loss`` then adds the distillation term; it logs ``train/kd_loss
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 
@@ -15,8 +15,11 @@ from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.tasks.checkpoint import load_task
 from tiny_decoder.training.distillation import Distiller
 
+if TYPE_CHECKING:
+    from tiny_decoder.tasks.base import DecoderTask
 
-def check_teacher(teacher: L.LightningModule, student: L.LightningModule, path: str) -> None:
+
+def check_teacher(teacher: DecoderTask, student: DecoderTask, path: str) -> None:
     """Refuse a teacher the student cannot be compared with token by token (one line naming the mismatch)."""
     prefix = f"distillation.teacher_ckpt={path}"
     if teacher.task_name != student.task_name:
@@ -52,9 +55,11 @@ class KnowledgeDistillation(L.Callback):
         self.teacher_ckpt, self.alpha, self.temperature = str(teacher_ckpt), float(alpha), float(temperature)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        teacher = load_task(self.teacher_ckpt, map_location=pl_module.device, field="distillation.teacher_ckpt")
-        check_teacher(teacher, pl_module, self.teacher_ckpt)
-        pl_module.distiller = Distiller(teacher.model, self.alpha, self.temperature)
+        student = cast("DecoderTask", pl_module)  # the callback of a task's distillation group
+        field = "distillation.teacher_ckpt"
+        teacher: DecoderTask = load_task(self.teacher_ckpt, map_location=pl_module.device, field=field)
+        check_teacher(teacher, student, self.teacher_ckpt)
+        student.distiller = Distiller(teacher.model, self.alpha, self.temperature)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -64,4 +69,4 @@ class KnowledgeDistillation(L.Callback):
             pl_module.log_dict({f"train/{name}": value for name, value in distiller.last.items()})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.distiller = None
+        cast("DecoderTask", pl_module).distiller = None
