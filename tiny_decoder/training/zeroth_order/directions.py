@@ -49,7 +49,8 @@ def rademacher(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
 class Direction(Protocol):
     """A perturbation direction over some of the parameter tensors (indices into the optimizer's list)."""
 
-    tensors: tuple[int, ...]
+    @property
+    def tensors(self) -> tuple[int, ...]: ...
 
     def component(self, index: int, param: torch.Tensor) -> torch.Tensor: ...
 
@@ -116,12 +117,16 @@ class DenseDirection:
             tensors[t].add_(part, alpha=scales[t])
 
 
-def encode_direction(direction: RandomDirection | CoordinateDirection) -> list[Any]:
+# the directions an estimator samples (what an :class:`Estimate` holds): both have a checkpoint-safe form
+EncodableDirection = RandomDirection | CoordinateDirection
+
+
+def encode_direction(direction: EncodableDirection) -> list[Any]:
     """A checkpoint-safe (primitives only) form of a seeded or coordinate direction."""
     return [direction.kind, *(list(v) if isinstance(v, tuple) else v for v in astuple(direction))]
 
 
-def decode_direction(encoded: Sequence[Any]) -> RandomDirection | CoordinateDirection:
+def decode_direction(encoded: Sequence[Any]) -> EncodableDirection:
     kind, *fields = encoded
     return DIRECTIONS.get(kind)(*(tuple(v) if isinstance(v, list) else v for v in fields))
 
@@ -142,7 +147,7 @@ class SPSA:
 
     def sample(
         self, seed: int, tensors: Sequence[int], params: Sequence[torch.Tensor], generator: torch.Generator
-    ) -> list[Direction]:
+    ) -> list[EncodableDirection]:
         return [RandomDirection(mix_seed(seed, k), tuple(tensors), self.distribution) for k in range(self.directions)]
 
     def normalizer(self, count: int) -> int:
@@ -168,7 +173,7 @@ class Coordinatewise:
 
     def sample(
         self, seed: int, tensors: Sequence[int], params: Sequence[torch.Tensor], generator: torch.Generator
-    ) -> list[Direction]:
+    ) -> list[EncodableDirection]:
         """``coordinates`` coordinates drawn uniformly (without replacement) over the entries of ``tensors``."""
         sizes = [params[t].numel() for t in tensors]
         total = sum(sizes)
@@ -197,7 +202,7 @@ Components = list[tuple[Direction, dict[int, float]]]
 class Estimate:
     """One step's estimate ``g_hat_t = sum_k coefficients[k] / eps[t] * z_(k,t)``."""
 
-    directions: list[Direction]
+    directions: list[EncodableDirection]
     coefficients: torch.Tensor
     eps: list[float]
 

@@ -87,10 +87,16 @@ class ForwardDifference:
     needs_base = True
 
     def difference(self, values: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-        return values[:, 0] - base
+        return values[:, 0] - _required(base)
 
     def loss(self, values: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-        return base
+        return _required(base)
+
+
+def _required(base: torch.Tensor | None) -> torch.Tensor:
+    """``f(x)``, which a scheme with ``needs_base`` is always given."""
+    assert base is not None, "forward differences need f(x) (needs_base)"
+    return base
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.training.schedulers import SchedulerFactory, step_schedule
@@ -46,12 +47,15 @@ def training_loss(task: L.LightningModule, batch: Any, batch_idx: int) -> torch.
         return custom(batch)
     with _muted_logging(task):
         output = type(task).training_step(task, batch, batch_idx)
-    return output["loss"] if isinstance(output, Mapping) else output
+    loss = output["loss"] if isinstance(output, Mapping) else output
+    if loss is None:
+        raise RuntimeError(f"{type(task).__name__}.training_step returned no loss; zeroth-order training needs one")
+    return loss
 
 
 @contextmanager
 def _muted_logging(task: L.LightningModule) -> Iterator[None]:
-    task.log = task.log_dict = _ignore  # instance attributes shadow the methods until deleted
+    vars(task).update(log=_ignore, log_dict=_ignore)  # instance attributes shadow the methods until deleted
     try:
         yield
     finally:
@@ -69,12 +73,16 @@ def configure_zeroth_order(
     with its own step schedule."""
     _check_trainer(task.trainer)
     task.automatic_optimization = False
-    optimizer.bind(task.model)
+    model = task.model
+    assert isinstance(model, torch.nn.Module), "the task keeps its network in task.model"
+    optimizer.bind(model)
     optimizers: list[torch.optim.Optimizer] = [optimizer]
+    backprop = optimizer.hybrid.backprop
     if optimizer.hybrid.uses_backprop:
-        optimizers.append(optimizer.hybrid.backprop(optimizer.backprop_groups()))
+        assert backprop is not None  # HybridSchedule refuses a switch_step without one
+        optimizers.append(backprop(optimizer.backprop_groups()))
     # The task's own training_step is replaced on this instance only: it becomes ZerothOrderTraining's.
-    task.training_step = ZerothOrderTraining(task, optimizer).training_step
+    vars(task)["training_step"] = ZerothOrderTraining(task, optimizer).training_step
     return [step_schedule(opt, scheduler_factory, task.trainer) for opt in optimizers]
 
 
@@ -145,7 +153,8 @@ class ZerothOrderTraining:
             return
         with warnings.catch_warnings():  # the idle phase's scheduler follows the run's steps without its optimizer
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            # step_schedule's: SchedulerFactory's LRSchedulers, stepped every step without a metric
+            for scheduler in cast("list[LRScheduler]", schedulers if isinstance(schedulers, list) else [schedulers]):
                 scheduler.step()
 
     def _log_statistics(self) -> None:
