@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +127,7 @@ class LanguageModel(DecoderTask):
 
     def encode_prompt(self, text: str) -> list[int]:
         """Token ids of ``text``, after ``<|endoftext|>`` when ``prepend_eot`` (every story starts after one)."""
-        start = [self.eot_id] if self.hparams.prepend_eot else []
+        start = [self.eot_id] if self.hparams["prepend_eot"] else []
         return start + self.tokenizer.encode(text).ids
 
     def decode_continuation(self, ids: list[int]) -> str:
@@ -139,15 +139,15 @@ class LanguageModel(DecoderTask):
 
     def setup(self, stage: str) -> None:
         """Take the tokenizer and bytes per token from the trainer's data module, when it has them."""
-        self.attach_data(self.trainer.datamodule)
+        self.attach_data(getattr(self.trainer, "datamodule", None))  # set by Lightning, not declared on Trainer
 
     def attach_data(self, datamodule: Any) -> None:
         """Record the data's tokenizer and bytes per token (and, unless set, whether prompts start with EOT)."""
         tokenizer = getattr(datamodule, "tokenizer", None)
         if tokenizer is not None:
             self.use_tokenizer(tokenizer)
-        if self.hparams.prepend_eot is None:
-            self.hparams.prepend_eot = bool(getattr(getattr(datamodule, "format", None), "append_eot", False))
+        if self.hparams["prepend_eot"] is None:
+            self.hparams["prepend_eot"] = bool(getattr(getattr(datamodule, "format", None), "append_eot", False))
         bytes_per_token = getattr(datamodule, "bytes_per_token", None)
         if bytes_per_token:
             self.hparams.bytes_per_token = {split: float(value) for split, value in bytes_per_token.items()}
@@ -198,9 +198,9 @@ class LanguageModel(DecoderTask):
         if self._tokenizer is None:
             return []
         hp = self.hparams
-        generator = torch.Generator(device=self.device).manual_seed(hp.sample_seed)
-        options = {"temperature": hp.sample_temperature, "top_k": hp.sample_top_k, "generator": generator}
-        return [(p, self.continue_text(p, hp.sample_max_new_tokens, **options)[0]) for p in self.sample_prompts]
+        generator = torch.Generator(device=self.device).manual_seed(hp["sample_seed"])
+        options = {"temperature": hp["sample_temperature"], "top_k": hp["sample_top_k"], "generator": generator}
+        return [(p, self.continue_text(p, hp["sample_max_new_tokens"], **options)[0]) for p in self.sample_prompts]
 
     def generate_outputs(self, request: GenerationRequest) -> list[str]:
         """``generate prompt="Once upon a time" temperature=0.8 top_k=50 num_samples=3 [compile=true]``: prompt +
@@ -269,6 +269,7 @@ class LanguageModel(DecoderTask):
         max_blocks: int | None = None,
     ) -> dict[str, float]:
         """Mean loss, perplexity and bits per byte over (the first ``max_blocks``) ``{"input", "target"}`` blocks."""
+        assert isinstance(blocks, Sized), "evaluate_blocks needs a map-style dataset (with a length)"
         n_blocks = len(blocks) if max_blocks is None else min(len(blocks), int(max_blocks))
         metrics = LanguageModelMetrics().to(self.device)
         for batch in DataLoader(Subset(blocks, range(n_blocks)), batch_size=batch_size):
