@@ -19,10 +19,13 @@ Hydra example (``_target_`` instantiation, the keyframes may arrive as an OmegaC
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 from numbers import Integral, Real
+from typing import Any, cast
 
 import numpy as np
 
@@ -50,7 +53,7 @@ def _is_real(value: object) -> bool:
 
 def _is_epoch(value: object) -> bool:
     """An integer >= 0 (numpy integers included, a bool not)."""
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
 def _is_list(value: object) -> bool:
@@ -61,27 +64,31 @@ def normalised_mix(field: str, raw: object) -> tuple[float, float, float]:
     """The phase weights ``raw`` (``NUM_PHASES`` finite numbers >= 0 with a positive sum) scaled to sum to 1;
     ConfigError ``<field> must be ..., got ...`` otherwise."""
     wanted = f"a list of exactly {NUM_PHASES} weights (phases 1, 2, 3)"
-    weights = list(check(field, raw, _is_list, wanted))
+    weights = list(cast("Iterable[Any]", check(field, raw, _is_list, wanted)))  # _is_list: an iterable
     check(field, weights, lambda w: len(w) == NUM_PHASES, wanted)
     check(field, weights, lambda w: all(_is_real(x) and x >= 0 for x in w), "weights that are finite numbers >= 0")
     values = [float(w) for w in weights]
     total = sum(values)
     check(field, weights, lambda _: total > 0, "weights with a positive sum (at least one weight > 0)")
-    return tuple(value / total for value in values)
+    first, second, third = (value / total for value in values)
+    return first, second, third
 
 
 def _parse_keyframe(raw: object, index: int) -> Keyframe:
     where = f"{FIELD}.keyframes[{index}]"
-    check(where, raw, lambda r: isinstance(r, Mapping), "a mapping like {'epoch': 0, 'mix': [1, 0, 0]}")
-    keys = set(raw.keys())
+    frame = cast(
+        "Mapping[Any, Any]",
+        check(where, raw, lambda r: isinstance(r, Mapping), "a mapping like {'epoch': 0, 'mix': [1, 0, 0]}"),
+    )
+    keys = set(frame.keys())
     missing = [key for key in KEYFRAME_KEYS if key not in keys]
     unknown = sorted(str(key) for key in keys - set(KEYFRAME_KEYS))
     if missing or unknown:
         raise ConfigError(
             f"{where} must have exactly the keys 'epoch' and 'mix' (missing: {missing}, unknown: {unknown})"
         )
-    epoch = check(f"{where}.epoch", raw["epoch"], _is_epoch, "an integer >= 0")
-    return Keyframe(epoch=int(epoch), mix=normalised_mix(f"{where}.mix", raw["mix"]))
+    epoch = check(f"{where}.epoch", frame["epoch"], _is_epoch, "an integer >= 0")
+    return Keyframe(epoch=int(epoch), mix=normalised_mix(f"{where}.mix", frame["mix"]))
 
 
 class Curriculum:
@@ -93,7 +100,8 @@ class Curriculum:
         check(f"{FIELD}.keyframes", parsed, bool, "a list of at least one keyframe")
         for index, (before, after) in enumerate(pairwise(parsed), start=1):
             wanted = f"greater than the previous keyframe's epoch {before.epoch} (epochs strictly increasing)"
-            check(f"{FIELD}.keyframes[{index}].epoch", after.epoch, lambda epoch, low=before.epoch: epoch > low, wanted)
+            later = partial(operator.lt, before.epoch)  # later(epoch): before.epoch < epoch
+            check(f"{FIELD}.keyframes[{index}].epoch", after.epoch, later, wanted)
         self.keyframes: tuple[Keyframe, ...] = tuple(parsed)
         self._epochs = np.array([frame.epoch for frame in parsed], dtype=np.float64)
         self._mixes = np.array([frame.mix for frame in parsed], dtype=np.float64)

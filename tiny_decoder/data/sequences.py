@@ -35,6 +35,8 @@ from tiny_decoder.data.sequence_families import (
 # Batch generation
 # --------------------------------------------------------------------------------------------------------
 
+PhaseMix = Sequence[float] | np.ndarray  # weights of phases 1, 2, 3 (a curriculum's mix is an array)
+
 
 @dataclass(frozen=True)
 class SequenceSamples:
@@ -48,12 +50,12 @@ class SequenceSamples:
         return len(self.values)
 
 
-def normalise_mix(phase_mix: Sequence[float]) -> np.ndarray:
+def normalise_mix(phase_mix: PhaseMix) -> np.ndarray:
     """Phase weights as probabilities; ConfigError unless 3 finite weights >= 0 with a positive sum."""
     return np.array(normalised_mix("phase_mix", phase_mix), dtype=np.float64)
 
 
-def generate_sequences(rng: np.random.Generator, n: int, length: int, phase_mix: Sequence[float]) -> SequenceSamples:
+def generate_sequences(rng: np.random.Generator, n: int, length: int, phase_mix: PhaseMix) -> SequenceSamples:
     """Draw n sequences of length + 1 terms: the phase from `phase_mix`, then a family uniformly within it."""
     check_int("n", n, 0)
     check_int("length", length, 1, hint=" (inputs before the next number)")
@@ -201,10 +203,12 @@ class SequenceDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
+        assert self._val_set is not None  # made by setup()
         return self._loader(self._val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         self.setup()
+        assert self._test_set is not None  # made by setup()
         return self._loader(self._test_set, shuffle=False)
 
     def _evaluation_set(self, n: int, rng: np.random.Generator) -> SequenceDataset:
@@ -216,10 +220,12 @@ class SequenceDataModule(L.LightningDataModule):
     def _current_epoch(self) -> int:
         if self.trainer is None:
             return 0
-        if self.trainer.reload_dataloaders_every_n_epochs != 1:
+        # set on the Trainer by Lightning's data connector; not declared on the class
+        reload_every = getattr(self.trainer, "reload_dataloaders_every_n_epochs", None)
+        if reload_every != 1:
             rank_zero_warn(
                 "SequenceDataModule draws fresh training data per epoch only when the Trainer has "
                 "reload_dataloaders_every_n_epochs=1; with "
-                f"{self.trainer.reload_dataloaders_every_n_epochs} epochs are reused."
+                f"{reload_every} epochs are reused."
             )
         return self.trainer.current_epoch

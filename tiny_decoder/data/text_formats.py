@@ -48,7 +48,9 @@ def _split_stories(batch: dict) -> dict:
 
 def chunk_lines(text: str, max_chars: int = PLAIN_CHUNK_CHARS) -> list[str]:
     """Cut text at line ends into chunks of at most ~max_chars; "".join(chunks) == text."""
-    chunks, current, size = [], [], 0
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
     for line in text.splitlines(keepends=True):
         if current and size + len(line) > max_chars:
             chunks.append("".join(current))

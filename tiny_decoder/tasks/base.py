@@ -68,7 +68,8 @@ class EvaluationRequest:
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
     """Two groups: weight decay on Linear weights, none on biases, norms and embedding tables."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad:

@@ -150,7 +150,7 @@ class LanguageModel(DecoderTask):
             self.hparams["prepend_eot"] = bool(getattr(getattr(datamodule, "format", None), "append_eot", False))
         bytes_per_token = getattr(datamodule, "bytes_per_token", None)
         if bytes_per_token:
-            self.hparams.bytes_per_token = {split: float(value) for split, value in bytes_per_token.items()}
+            self.hparams["bytes_per_token"] = {split: float(value) for split, value in bytes_per_token.items()}
 
     def bytes_per_token(self, prefix: str) -> float | None:
         return (self.hparams.get("bytes_per_token") or {}).get(SPLIT_OF_PREFIX[prefix])

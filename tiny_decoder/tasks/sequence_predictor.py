@@ -61,7 +61,7 @@ class SequencePredictor(DecoderTask):
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         hp = self.hparams
-        return distance_weighted_cross_entropy(logits, target, hp.alpha, hp.weighting, hp.prediction)
+        return distance_weighted_cross_entropy(logits, target, hp["alpha"], hp["weighting"], hp["prediction"])
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metrics: SequenceMetrics) -> None:
         logits = self.logits(batch["input"])
@@ -114,7 +114,7 @@ class SequencePredictor(DecoderTask):
 
     def sample_texts(self) -> list[tuple[str, str]]:
         return [
-            (" ".join(map(str, p)), " ".join(map(str, self.continue_sequence(p, self.hparams.sample_steps))))
+            (" ".join(map(str, p)), " ".join(map(str, self.continue_sequence(p, self.hparams["sample_steps"]))))
             for p in self.sample_prompts
         ]
 

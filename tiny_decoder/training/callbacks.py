@@ -20,13 +20,14 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning as L
 import torch
@@ -43,6 +44,11 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from tiny_decoder.core.checks import check_int
 from tiny_decoder.core.errors import RunFailure
 from tiny_decoder.core.seeds import mix_seed
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loops.progress import _ProcessedTracker
+
+    from tiny_decoder.model import DecoderTransformer
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +79,10 @@ class SampleLogger(L.Callback):
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(pl_module, "sample_texts") or not self.schedule.turn():
+        sample_texts = getattr(pl_module, "sample_texts", None)
+        if trainer.sanity_checking or sample_texts is None or not self.schedule.turn():
             return
-        samples = pl_module.sample_texts()
+        samples = sample_texts()
         if self.print_samples:
             console = Console()
             console.print(f"[bold]samples at step {trainer.global_step}[/bold]")
@@ -91,9 +98,8 @@ def log_samples(logger: object, samples: list[tuple[str, str]], step: int) -> No
         body = "\n\n".join(f"**{prompt}** → {text}" for prompt, text in samples)
         logger.experiment.add_text("samples", body, global_step=step)
     elif isinstance(logger, WandbLogger):
-        logger.log_text(
-            key="samples", columns=["step", "prompt", "continuation"], data=[[step, p, t] for p, t in samples]
-        )
+        rows: list[list[Any]] = [[step, p, t] for p, t in samples]  # W&B cells: any values (typed str)
+        logger.log_text(key="samples", columns=["step", "prompt", "continuation"], data=rows)
 
 
 IMAGE_LOGGERS = (TensorBoardLogger, WandbLogger)
@@ -138,14 +144,17 @@ class AttentionMapLogger(L.Callback):
     def draw(self, pl_module: L.LightningModule, step: int) -> Path | None:
         from tiny_decoder.analysis.attention_maps import attention_weights, save_attention_png  # matplotlib
 
+        ids = self.ids
+        assert ids is not None, "draw() needs the first validation sequence (on_validation_batch_start sets ids)"
         try:
-            model = copy.deepcopy(pl_module.model).cpu().eval()  # the live model keeps its mode and device
-            weights = attention_weights(model, self.ids)
+            # the live model keeps its mode and device
+            model = cast("DecoderTransformer", copy.deepcopy(pl_module.model)).cpu().eval()
+            weights = attention_weights(model, ids)
         except (ValueError, RuntimeError) as error:  # linformer has no per-token weights; a sharded model
             rank_zero_warn(f"attention maps disabled: {error}")
             self._disabled = True
             return None
-        labels = token_labels(pl_module, self.ids[0].tolist())
+        labels = token_labels(pl_module, ids[0].tolist())
         title = f"attention at step {step} ({model.config.attention['name']})"
         return save_attention_png(weights, labels, self.dirpath / f"step{step:07d}.png", title)
 
@@ -340,7 +349,8 @@ class SignalCheckpoint(L.Callback):
 
 def interrupted_error(trainer: L.Trainer) -> TrainingInterrupted:
     """What a run stopped by a signal raises (from its :class:`SignalCheckpoint`, if it has one)."""
-    saver = next((cb for cb in trainer.callbacks if isinstance(cb, SignalCheckpoint)), None)
+    callbacks = getattr(trainer, "callbacks", [])  # set by Lightning, not declared on Trainer
+    saver = next((cb for cb in callbacks if isinstance(cb, SignalCheckpoint)), None)
     if saver is not None:
         return saver.interrupted(trainer)
     return TrainingInterrupted(f"interrupted at step {trainer.global_step}; continue with resume=auto")
@@ -368,7 +378,8 @@ class ResumableLoader(DataLoader):
         self._iterations = 0
         self._pending: tuple[int, int] | None = None
 
-    def __iter__(self) -> Iterator[Any]:
+    # torch types DataLoader.__iter__ as returning its _BaseDataLoaderIter; this one is a generator over its batches
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         self.epoch = self.epoch_fn() if self.epoch_fn is not None else self._iterations
         self._iterations += 1
         if self.generator is not None:
@@ -439,19 +450,20 @@ class ExactResume(L.Callback):
         self.seed = seed
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning, not declared on Trainer
         if stage != "fit" or datamodule is None or "train_dataloader" in vars(datamodule):
             return
         original = datamodule.train_dataloader
 
         def train_dataloader() -> Any:
-            return resumable_loader(original(), self.seed, lambda: trainer.fit_loop.epoch_progress.current.processed)
+            return resumable_loader(original(), self.seed, lambda: processed_epochs(trainer))
 
-        train_dataloader.__wrapped__ = original  # Lightning's is_overridden() looks through it
+        # Lightning's is_overridden() looks through __wrapped__ (update_wrapper copying nothing sets only that)
+        functools.update_wrapper(train_dataloader, original, assigned=(), updated=())
         datamodule.train_dataloader = train_dataloader
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)
         if stage == "fit" and datamodule is not None and "train_dataloader" in vars(datamodule):
             del datamodule.train_dataloader
 
@@ -459,6 +471,11 @@ class ExactResume(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         seed_generators(mix_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx), pl_module.device)
+
+
+def processed_epochs(trainer: L.Trainer) -> int:
+    """The fit loop's processed epochs (its epoch tracker is a ``_ProcessedTracker``, typed as its base class)."""
+    return cast("_ProcessedTracker", trainer.fit_loop.epoch_progress.current).processed
 
 
 def seed_generators(seed: int, device: torch.device) -> None:

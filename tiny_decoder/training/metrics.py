@@ -10,6 +10,7 @@ argmax prediction, and last-position accuracy per phase and per family, each nex
 from __future__ import annotations
 
 import math
+from typing import cast, overload
 
 import torch
 from torch import nn
@@ -21,6 +22,10 @@ from torchmetrics.classification import MulticlassAccuracy
 RANDOM_BASELINES = {"acc": 1 / 256, "mad": (256**2 - 1) / (3 * 256), "loss": math.log(256)}
 
 
+@overload
+def bits_per_byte(loss_nats: torch.Tensor, bytes_per_token: float) -> torch.Tensor: ...
+@overload
+def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float: ...
 def bits_per_byte(loss_nats: float | torch.Tensor, bytes_per_token: float) -> float | torch.Tensor:
     """A mean cross-entropy in nats per token -> bits per UTF-8 byte of the text: ``loss * tokens / bytes / ln 2``
     (``bytes_per_token``: the split's UTF-8 bytes over its tokens, as a text data module reports it)."""
@@ -32,6 +37,8 @@ class GroupAccuracy(Metric):
     """Accuracy per group id in ``[0, n_groups)``; groups never seen report NaN."""
 
     full_state_update = False
+    correct: torch.Tensor  # states (add_state)
+    total: torch.Tensor
 
     def __init__(self, n_groups: int):
         super().__init__()
@@ -89,4 +96,4 @@ class SequenceMetrics(nn.Module):
 
     def reset(self) -> None:
         for metric in self.children():
-            metric.reset()
+            cast(Metric, metric).reset()  # every child is a torchmetrics Metric

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import lightning as L
 import torch
@@ -41,6 +41,15 @@ from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.attention import CausalSelfAttention
 from tiny_decoder.model.transformer import DecoderTransformer
+
+
+class ModelTask(Protocol):
+    """What the pruning callbacks use of the LightningModule they prune (a task; ``training/`` knows no task)."""
+
+    model: DecoderTransformer
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +78,12 @@ def every_linear(model: DecoderTransformer) -> list[Weight]:
 
 @PRUNABLE.register("attention")
 def attention_weights(model: DecoderTransformer) -> list[Weight]:
-    return [w for block in model.blocks for w in _linears(block.attn)]
+    return [w for block in model.layers for w in _linears(block.attn)]
 
 
 @PRUNABLE.register("feedforward")
 def feedforward_weights(model: DecoderTransformer) -> list[Weight]:
-    return [w for block in model.blocks for w in _linears(block.ff)]
+    return [w for block in model.layers for w in _linears(block.ff)]
 
 
 @PRUNABLE.register("head")
@@ -208,13 +217,14 @@ class MagnitudePruning(ModelPruning):
         return list(self._parameters_to_prune)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._parameters_to_prune = prunable_weights(pl_module.model, self.modules)
+        self._parameters_to_prune = prunable_weights(cast(ModelTask, pl_module).model, self.modules)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = int(trainer.estimated_stepping_batches)
         self.start, self.end = to_step(self.start_step, total), to_step(self.end_step, total)
         last = self.start if self.schedule is one_shot else self.end
-        if self.start > self.end or (last >= total and not trainer.fast_dev_run):  # debug=fast: never fires
+        fast_dev_run = getattr(trainer, "fast_dev_run", False)  # set by Lightning, not declared on Trainer
+        if self.start > self.end or (last >= total and not fast_dev_run):  # debug=fast: never fires
             raise ConfigError(
                 f"pruning: the schedule runs from step {self.start} to {last} but the run trains {total} steps; "
                 "need start_step <= end_step < the run's steps (the pruned model needs steps to recover)"
@@ -238,10 +248,12 @@ class MagnitudePruning(ModelPruning):
         pl_module.log("prune/sparsity", self.reached)
 
     def _apply_local_pruning(self, amount: float) -> None:
+        # local scope: Lightning's wrapped torch.nn.utils.prune.l1_unstructured (a pruning method only when global)
+        prune_tensor: Callable[..., Any] = self.pruning_fn
         for module, name in self._parameters_to_prune:
             count = round(amount * current_weight(module, name).numel()) - pruned_count(module, name)
             scores = current_weight(module, name)
-            self.pruning_fn(module, name=name, amount=max(count, 0), importance_scores=scores)
+            prune_tensor(module, name=name, amount=max(count, 0), importance_scores=scores)
 
     def _apply_global_pruning(self, amount: float) -> None:
         weights = self._parameters_to_prune
@@ -261,7 +273,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def attention_layers(model: DecoderTransformer) -> list[CausalSelfAttention]:
-    return [block.attn for block in model.blocks]
+    return [block.attn for block in model.layers]
 
 
 def head_importance(
@@ -354,15 +366,16 @@ class HeadPruning(L.Callback):
         self.kept: list[list[int]] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if pl_module.model.config.positional["name"] == "alibi":
+        if cast(ModelTask, pl_module).model.config.positional["name"] == "alibi":
             raise ConfigError("pruning=heads cannot be combined with positional=alibi (its slopes are per head)")
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.model
+        task = cast(ModelTask, pl_module)
+        model = task.model
         before = model.num_parameters()
         with torch.inference_mode(False), torch.enable_grad():  # the test loop runs in inference mode
             batches = (move_data_to_device(b, pl_module.device) for b in self._validation_batches(trainer))
-            importance = head_importance(model, pl_module.loss, batches)
+            importance = head_importance(model, task.loss, batches)
             self.kept = heads_to_keep(importance, self.amount, self.scope, self.normalize)
             prune_heads(model, self.kept)
         log.info(
@@ -376,7 +389,9 @@ class HeadPruning(L.Callback):
             trainer.save_checkpoint(Path(self.dirpath) / "pruned_heads.ckpt", weights_only=True)
 
     def _validation_batches(self, trainer: L.Trainer) -> Iterator[Any]:
-        return islice(iter(trainer.datamodule.val_dataloader()), self.batches)
+        datamodule = getattr(trainer, "datamodule", None)  # set by Lightning, not declared on Trainer
+        assert datamodule is not None, "pruning=heads scores the heads on the data module's validation batches"
+        return islice(iter(datamodule.val_dataloader()), self.batches)
 
 
 # --------------------------------------------------------------------------------------------------------

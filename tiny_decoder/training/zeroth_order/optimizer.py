@@ -185,7 +185,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         seed: int | None = None,
         hybrid: Mapping[str, Any] | None = None,
     ):
-        groups = list(params)
+        groups: list[Any] = list(params)  # tensors or group dicts, as torch.optim.Optimizer takes them
         # the per-group options as the caller gave them (torch fills in the defaults), for the hybrid's backprop
         self.group_options = [_options(g) for g in groups] if groups and isinstance(groups[0], Mapping) else [{}]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
@@ -206,7 +206,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self.epsilon_range = (float(epsilon_range[0]), float(epsilon_range[1]))
         self.tensor_fraction = float(tensor_fraction)
         seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else int(seed)
-        self.state[STATE_KEY] = {"seed": seed, "step": 0}
+        self._keyed_state[STATE_KEY] = {"seed": seed, "step": 0}
         self._names: list[str] | None = None
         self._module: nn.Module | None = None
         self._pending: tuple[Estimate, ReplayedClosure, torch.Tensor, torch.Tensor] | None = None
@@ -217,7 +217,13 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     @property
     def zeroth_order_state(self) -> dict[str, Any]:
         """Step counter, seed, momentum history and sensitivity statistics (checkpointed with the optimizer)."""
-        return self.state[STATE_KEY]
+        return self._keyed_state[STATE_KEY]
+
+    @property
+    def _keyed_state(self) -> dict[Any, Any]:
+        """``self.state``, typed with any keys: torch types them as parameters, but its ``state_dict`` keeps other
+        keys as they are (this optimizer's own entry is :data:`STATE_KEY`)."""
+        return self.state
 
     def bind(self, module: nn.Module) -> ZerothOrderOptimizer:
         """Name the tensors after ``module``'s parameters (for logs) and allow ``parallel=vmap``."""
@@ -328,7 +334,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             self.estimate(closure)
         elif closure is not None:
             closure()
-        (estimate, loss_fn, loss, projected), self._pending = self._pending, None
+        pending, self._pending = self._pending, None
+        assert pending is not None  # set by estimate()
+        estimate, loss_fn, loss, projected = pending
         tensors = self.parameter_set().tensors
         lrs = self._per_tensor("lr")
         move = partial(_move, tensors, self.momentum.components(estimate, self), lrs)
