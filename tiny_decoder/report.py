@@ -31,6 +31,8 @@ parameter count and wall time; one without is FAILED (with the last error line o
 
 For the metric the checkpoint callback monitors, the value is the best one (``best_score``, what
 ``train()`` returns to a sweeper), not the last validation's; its mode then also sets the sort order.
+A study's directory (``python -m tiny_decoder.train study=NAME``: its ``study.yaml``) names the arms after the
+study's arms (jobs ``<arm>/seed<k>``) and sets the default metrics, mode and baseline arm.
 Callers (a study runner): ``build_report(root, metrics, out, mode, baseline)`` writes all of this and returns
 the ``Report`` (``files``, ``arms``: the arm rows); ``arm_table(root, metrics, mode, baseline)`` returns the
 arm rows alone.
@@ -71,6 +73,7 @@ from tiny_decoder.analysis.arms import (
 from tiny_decoder.cli import run_cli
 from tiny_decoder.run import run_dir
 from tiny_decoder.run.run_dir import RunDir, find_runs, read_logged_rows
+from tiny_decoder.run.study import read_manifest
 
 DEFAULT_METRIC = "val/loss"
 DEFAULT_VALUE = "(default)"
@@ -78,7 +81,7 @@ ERROR_FILES = (run_dir.ERROR, run_dir.LOG)
 MAX_ERROR = 160
 ANNOTATION = {"ha": "center", "va": "bottom", "fontsize": 7}
 NAN = float("nan")
-HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|bleu|exact_match)($|_)")
+HIGHER_IS_BETTER = re.compile(r"(^|_)(acc|accuracy|f1|bleu|exact_match)($|_)|_per_sec$")  # scores, throughput
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -298,10 +301,15 @@ class Arm:
         return {job.seed: job.value(metric) for job in self.jobs if job.seed is not None and not job.failed}
 
 
-def group_jobs(jobs: Sequence[Job]) -> list[Arm]:
-    """The arms of a multirun, in the order of their first job."""
+def group_jobs(jobs: Sequence[Job], study_arms: Sequence[str] | None = None) -> list[Arm]:
+    """The arms of a multirun, in the order of their first job; in a study (``study_arms``: the arm names of its
+    ``study.yaml``, whose jobs are ``<arm>/seed<k>``) the study's arms, by name, in the study's order."""
     names = {job.name: job for job in jobs}
-    groups = group_arms({job.name: job.overrides for job in jobs})
+    if study_arms is not None:
+        groups = {arm: [job.name for job in jobs if job.name.split("/", 1)[0] == arm] for arm in study_arms}
+        groups = {arm: members for arm, members in groups.items() if members}
+    else:
+        groups = group_arms({job.name: job.overrides for job in jobs})
     arms = [Arm(label, [names[name] for name in members]) for label, members in groups.items()]
     for arm in arms:
         arm.duplicates = duplicate_seeds({job.name: job.seed for job in arm.jobs if job.seed is not None})
@@ -312,8 +320,10 @@ def choose_baseline(arms: Sequence[Arm], baseline: str | None) -> tuple[Arm | No
     """The baseline arm and how it was chosen; (None, why) when there is none. ``baseline``: ``--baseline``'s
     ``"k=v k2=v2"``; without it, the arm that sets no swept override."""
     labels = ", ".join(arm.label for arm in arms)
+    by_label = {arm.label: arm for arm in arms}
+    if baseline is not None and baseline in by_label:  # an arm's label (a study's arm name)
+        return by_label[baseline], f"--baseline {baseline}"
     if baseline is not None:
-        by_label = {arm.label: arm for arm in arms}
         try:
             found = find_arm({arm.label: arm.overrides for arm in arms}, parse_arm(baseline))
         except ValueError as error:
@@ -345,7 +355,8 @@ def metric_stem(metric: str) -> str:
 def metric_mode(jobs: Sequence[Job], metric: str, first: str, mode: str | None) -> str:
     """Whether lower (min) or higher (max) is better: ``--mode`` for the first metric (and its val/test
     counterparts), the checkpoint callback's mode for the metric it monitors (likewise), else max for an
-    accuracy-like name (acc, accuracy, f1, bleu, exact_match) and min for the rest (loss, ppl, mad, bpb)."""
+    accuracy-like name (acc, accuracy, f1, bleu, exact_match) or a rate (``*_per_sec``) and min for the rest
+    (loss, ppl, mad, bpb)."""
     if mode and metric_stem(metric) == metric_stem(first):
         return mode
     monitors = {job.monitor for job in jobs if job.monitor}
@@ -421,9 +432,11 @@ def compare_arms(
     metrics: Sequence[str] = (DEFAULT_METRIC,),
     mode: str | None = None,
     baseline: str | None = None,
+    study_arms: Sequence[str] | None = None,
 ) -> ArmComparison:
-    """Group ``jobs`` into arms and summarise every arm for each of ``arm_metrics(jobs, metrics)``."""
-    arms = group_jobs(jobs)
+    """Group ``jobs`` into arms (a study's arms by name: ``study_arms``) and summarise every arm for each of
+    ``arm_metrics(jobs, metrics)``."""
+    arms = group_jobs(jobs, study_arms)
     base, why = choose_baseline(arms, baseline)
     ordered = ([base] if base else []) + [arm for arm in arms if arm is not base]
     modes = {metric: metric_mode(jobs, metric, metrics[0], mode) for metric in arm_metrics(jobs, metrics)}
@@ -435,7 +448,9 @@ def arm_table(
     root: Path, metrics: Sequence[str] = (DEFAULT_METRIC,), mode: str | None = None, baseline: str | None = None
 ) -> list[dict[str, Any]]:
     """The rows of ``arms.csv`` for the multirun under ``root`` (one per metric and arm, full precision)."""
-    return compare_arms(load_jobs(Path(root)), metrics, mode, baseline).rows
+    study = read_manifest(Path(root))
+    arms = list(study["arms"]) if study else None
+    return compare_arms(load_jobs(Path(root)), metrics, mode, baseline or (study or {}).get("baseline"), arms).rows
 
 
 def number(value: float) -> str:
@@ -468,6 +483,13 @@ def arm_cells(row: dict[str, Any]) -> list[str]:
 ARM_COLUMNS = ["arm", "n", "seeds", "mean", "sd", "95% CI", "min", "max", "diff", "diff 95% CI", "verdict", "note"]
 
 
+def arm_label_of(arm: Arm, common: Sequence[str]) -> str:
+    """An arm's own overrides (those not shared by every job), or ``(default)``."""
+    shared = {text.lstrip("+~") for text in common}
+    own = [f"{key}={value}" for key, value in arm.overrides.items() if f"{key}={value}" not in shared]
+    return " ".join(own) or BASELINE_LABEL
+
+
 def arms_markdown(root: Path, comparison: ArmComparison, common: Sequence[str]) -> str:
     arms, base = comparison.arms, comparison.baseline
     jobs = sum(len(arm.jobs) for arm in arms)
@@ -483,6 +505,9 @@ def arms_markdown(root: Path, comparison: ArmComparison, common: Sequence[str]) 
         else comparison.why + ".",
         *([f"common overrides: {' '.join(common)}"] if common else []),
     ]
+    if any(arm.label != arm_label_of(arm, common) for arm in arms):  # named arms (a study): say what each one is
+        lines += ["", "arms:"]
+        lines += [f"- {arm.label}: {arm_label_of(arm, common)}" for arm in arms]
     for metric, mode in comparison.modes.items():
         rows = [row for row in comparison.rows if row["metric"] == metric]
         better = "lower" if mode == "min" else "higher"
@@ -737,18 +762,25 @@ class Report:
 
 def build_report(
     root: Path,
-    metrics: Sequence[str] = (DEFAULT_METRIC,),
+    metrics: Sequence[str] | None = None,
     out: Path | None = None,
     mode: str | None = None,
     baseline: str | None = None,
 ) -> Report:
     """Read the multirun under ``root`` and write the report files to ``out`` (default ``root``); ``baseline``:
-    the baseline arm as ``"k=v k2=v2"`` (default: the arm with no swept override). A ``baseline`` that names
-    no arm is a ValueError, raised before anything is written."""
+    the baseline arm as ``"k=v k2=v2"`` or an arm's label (default: the arm with no swept override). A
+    ``baseline`` that names no arm is a ValueError, raised before anything is written. A study's directory
+    (``study.yaml``, written by the study sweeper) gives the arms their names and the defaults of ``metrics``,
+    ``mode`` and ``baseline``."""
     root, out = Path(root), Path(out or root)
-    metrics = list(metrics)
+    study = read_manifest(root) or {}
+    metrics = list(metrics or study.get("metrics") or [DEFAULT_METRIC])
+    mode = mode or study.get("mode")
     jobs = load_jobs(root)
-    comparison = compare_arms(jobs, metrics, mode, baseline)
+    study_arms = list(study.get("arms") or []) or None
+    comparison = compare_arms(jobs, metrics, mode, baseline or study.get("baseline"), study_arms)
+    if baseline is None and study.get("baseline") and comparison.baseline is not None:
+        comparison.why = "the study's baseline arm"
     swept = swept_keys(jobs)
     columns_metrics = metric_columns(jobs, metrics)
     order = sort_mode(jobs, metrics[0], mode)
@@ -783,8 +815,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--metric",
         action="append",
-        help=f"metric column (repeatable; the first sorts the rows and is plotted; default {DEFAULT_METRIC}); "
-        "every test/* metric is added",
+        help=f"metric column (repeatable; the first sorts the rows and is plotted; default {DEFAULT_METRIC}, "
+        "or a study's metrics); every test/* metric is added",
     )
     parser.add_argument("--mode", choices=("min", "max"), help="sort order (default: the checkpoint's mode, or min)")
     parser.add_argument("--out", type=Path, help="output directory (default: the multirun dir)")
@@ -798,7 +830,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def report(args: argparse.Namespace) -> Report:
-    result = build_report(args.multirun_dir, args.metric or [DEFAULT_METRIC], args.out, args.mode, args.baseline)
+    result = build_report(args.multirun_dir, args.metric, args.out, args.mode, args.baseline)
     print(result.markdown)
     if result.replicated:
         print(result.arms_markdown)

@@ -1,7 +1,7 @@
 """Fitting one run and recording its outcome: ``fit_and_test`` (fit, restore the best checkpoint, test, write
-``results.json``) and ``train(cfg)``, the plain function the ``train`` tool and the sweepers call: it returns
-the configured metric, writes ``error.txt`` for a failure (a multirun goes on with NaN for that job) and
-always closes the W&B run."""
+``results.json``; with ``trainer.max_steps=0`` and ``init_from``: validate the loaded weights instead of fitting)
+and ``train(cfg)``, the plain function the ``train`` tool and the sweepers call: it returns the configured metric,
+writes ``error.txt`` for a failure (a multirun goes on with NaN for that job) and always closes the W&B run."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from tiny_decoder.core.errors import one_line, user_error
+from tiny_decoder.core.errors import ConfigError, one_line, user_error
 from tiny_decoder.run.build import build_run
 from tiny_decoder.run.config_checks import resolved_dict
 from tiny_decoder.run.console import print_metrics
@@ -54,12 +54,19 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
     """Fit, restore the best checkpoint, test. The task ends holding the best weights."""
     started = time.perf_counter()
     cfg = copy.deepcopy(cfg)
+    eval_only = evaluation_only(cfg)  # checked before anything is built
     run = build_run(cfg)
     log.info("%s", run_banner(cfg, run))
     datamodule, task, trainer = run.datamodule, run.task, run.trainer
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved_dict(cfg))
-    _fit(trainer, task, datamodule, run.ckpt_path)
+    if eval_only:
+        trainer.validate(task, datamodule=datamodule, verbose=False)
+    else:
+        _fit(trainer, task, datamodule, run.ckpt_path)
+        if run.ckpt_path and not validation_metrics(trainer.callback_metrics) and trainer.limit_val_batches:
+            # resumed from a checkpoint of its last step (killed before results.json): score those weights
+            trainer.validate(task, datamodule=datamodule, verbose=False)
     fit_metrics = _scalars(trainer.callback_metrics)
     # the first checkpoint callback (the config's ModelCheckpoint; no other kind is configured)
     checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
@@ -74,8 +81,9 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
         if trainer.is_global_zero:
             print_metrics(test_metrics, "test, best checkpoint")
     results: dict[str, Any] = {
-        "val": {k: v for k, v in fit_metrics.items() if not k.startswith(NOT_VALIDATION)},
-        "train": {k: v for k, v in fit_metrics.items() if k.startswith(NOT_VALIDATION)},  # loss, learning rates
+        "val": validation_metrics(fit_metrics),
+        # loss, learning rates, throughput (logged straight to the loggers by Lightning's ThroughputMonitor)
+        "train": {k: v for k, v in {**fit_metrics, **throughput(trainer)}.items() if k.startswith(NOT_VALIDATION)},
         "test": test_metrics,
         "best_checkpoint": best_path,
         "best_score": float(best_score) if best_score else None,
@@ -93,6 +101,20 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
     return RunResult(trainer, task, results, metric)
 
 
+def evaluation_only(cfg: DictConfig) -> bool:
+    """``trainer.max_steps=0`` with ``init_from``: validate the loaded weights (after the configured post-training
+    changes, e.g. ``pruning=magnitude`` or an early-exit threshold) instead of training; a study's post-training
+    arms run this way. Without ``init_from`` there would be nothing to evaluate but random weights."""
+    if OmegaConf.select(cfg, "trainer.max_steps", default=None) != 0:
+        return False
+    if not cfg.get("init_from"):
+        raise ConfigError(
+            "trainer.max_steps=0 evaluates trained weights without training: give them with init_from=PATH.ckpt "
+            "(or train: trainer.max_steps > 0)"
+        )
+    return True
+
+
 def run_banner(cfg: DictConfig, run: Any) -> str:
     """Where this run writes, what it trains on and what it resumes from, in a few lines for the console."""
     overrides = " ".join(current_overrides() or []) or "(defaults)"
@@ -103,6 +125,8 @@ def run_banner(cfg: DictConfig, run: Any) -> str:
         f"batch {OmegaConf.select(cfg, 'data.batch_size', default='?')}",
         f"outputs: {cfg.paths.output_dir} (checkpoints/, csv/metrics.csv, train.log, results.json)",
     ]
+    if cfg.get("init_from"):
+        lines.append(f"weights from {cfg.init_from}" + (" (evaluation only)" if evaluation_only(cfg) else ""))
     if run.ckpt_path:
         lines.append(f"resuming from {run.ckpt_path}")
     return "\n".join(lines)
@@ -113,6 +137,15 @@ def _fit(trainer: L.Trainer, task: L.LightningModule, datamodule: Any, ckpt_path
         trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException as stop:  # SIGTERM / Ctrl+C: last.ckpt saved by SignalCheckpoint
         raise interrupted_error(trainer) from stop
+
+
+def validation_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in _scalars(metrics).items() if not k.startswith(NOT_VALIDATION)}
+
+
+def throughput(trainer: L.Trainer) -> dict[str, float]:
+    """The last rates of Lightning's ThroughputMonitor (``train/*_per_sec``; none when it is not configured)."""
+    return {k: v for k, v in _scalars(trainer.logged_metrics).items() if k.endswith("_per_sec")}
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -98,6 +98,7 @@ class DecoderTask(L.LightningModule):
         self.scheduler_factory = scheduler
         self.example_input_array = torch.zeros(2, self.model.config.context_length, dtype=torch.long)
         self.distiller: Distiller | None = None  # attached by the KnowledgeDistillation callback while fitting
+        self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor (None: no FLOPs figure)
         # compiled versions of training_loss and forward (compile_steps); None: run them eagerly
         self._compiled_objective: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
         self._compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None

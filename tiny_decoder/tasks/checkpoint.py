@@ -104,6 +104,30 @@ def check_checkpoint(
     return checkpoint
 
 
+def load_weights(task: Any, path: str | Path, field: str = "init_from") -> dict[str, Any]:
+    """Load the weights of the checkpoint at ``path`` into ``task`` (a ``DecoderTask`` built from this run's
+    config): a run that starts from trained weights (``init_from=``: pruning or fine-tuning a trained model,
+    other inference options such as an early-exit threshold). The task and the shapes must match; options that
+    do not change the weights (dropout, depth thresholds, pruning) may differ. Returns the checkpoint."""
+    checkpoint = read_checkpoint(path, field)
+    name = getattr(task, "task_name", None)
+    if name is not None and task_name(checkpoint) != name:
+        raise CheckpointError(
+            f"{field}={path}: a checkpoint of task {task_name(checkpoint)!r}, this run trains {name!r}"
+        )
+    state = checkpoint["state_dict"]
+    conform_to_state_dict(task, state)
+    try:
+        task.load_state_dict(state)
+    except RuntimeError as error:
+        details = "; ".join(line.strip() for line in str(error).splitlines()[1:3])
+        raise CheckpointError(
+            f"{field}={path}: its weights do not fit this model ({details}); start from a checkpoint of the same "
+            "architecture (model.* sizes, activation, positional encoding, norm)"
+        ) from error
+    return checkpoint
+
+
 def load_task(path: str | Path, map_location: Any = "cpu", field: str = "ckpt") -> Any:
     """Rebuild the trained task (a ``DecoderTask``) of the checkpoint at ``path``, in eval mode; pruned models
     (masks, removed heads) are shaped like the one that was saved before the weights load."""

@@ -6,6 +6,8 @@
   on the first validation sequence and logs the picture to W&B and TensorBoard (and keeps the PNG).
 - ``CompactModelSummary`` / ``StepProgressBar``: Lightning's Rich summary and progress bar, readable at 80
   columns (the model's modules only, compact shapes) and without ``Epoch 0/-2`` for runs bounded by steps.
+- ``batch_size`` / ``batch_tokens``: what Lightning's ``ThroughputMonitor`` counts (``callbacks.throughput``:
+  ``train/samples_per_sec`` and ``train/items_per_sec``, the items being tokens; ``results.json`` keeps the last).
 - ``ValidateAtEnd``: a run that reaches ``trainer.max_steps`` between validations validates on its last step.
 - ``FiniteLossGuard``: stops the run at the first non-finite training loss, with a message naming the step
   and the last good checkpoint (raised before the checkpoint callbacks run, so they never save the bad state).
@@ -235,6 +237,16 @@ class StepProgressBar(RichProgressBar):
         return (
             description.replace(f"/{max_epochs - 1}", "") if max_epochs is not None and max_epochs < 0 else description
         )
+
+
+def batch_size(batch: Mapping[str, torch.Tensor]) -> int:
+    """Sequences in a batch (``ThroughputMonitor``'s ``batch_size_fn``)."""
+    return int(batch["input"].shape[0])
+
+
+def batch_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Input tokens in a batch (``ThroughputMonitor``'s ``length_fn``: its items per second are tokens/s)."""
+    return int(batch["input"].numel())
 
 
 class ValidateAtEnd(L.Callback):

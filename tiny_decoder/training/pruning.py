@@ -18,7 +18,11 @@ each head's importance is measured as Michel et al.'s (2019, arXiv 1905.10650) `
 validation batches (the gate multiplies the head's output, at 1), and the ``amount`` least important heads are
 removed per layer or globally (``HEAD_SCOPES``; per-layer L2-normalised scores for the global ranking, as in the
 paper). The heads are physically removed (:meth:`CausalSelfAttention.keep_heads`), so the test and
-``results.json`` see the smaller model, which is also saved as ``pruned_heads.ckpt``.
+``results.json`` see the smaller model, which is also saved as ``pruned_heads.ckpt``. With ``at=start`` the heads
+are removed at setup instead, from weights loaded with ``init_from=`` (before fine-tuning them, or before
+validating them in an evaluation-only run, ``trainer.max_steps=0``).
+
+In an evaluation-only run :class:`MagnitudePruning` prunes to its ``sparsity`` at once, before validating.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ PRUNABLE = Registry("pruning.modules", group="pruning.modules")
 SPARSITY_SCHEDULES = Registry("pruning.schedule", group="pruning.schedule")
 PRUNING_SCOPES = Registry("pruning.scope", group="pruning.scope")
 HEAD_SCOPES = Registry("pruning.scope", group="pruning.scope")
+HEAD_PRUNING_TIMES = ("end", "start")  # after training, before the test | on the loaded weights, before training
 
 Weight = tuple[nn.Module, str]
 
@@ -218,6 +223,10 @@ class MagnitudePruning(ModelPruning):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._parameters_to_prune = prunable_weights(cast(ModelTask, pl_module).model, self.modules)
+        if stage == "validate":  # an evaluation-only run (trainer.max_steps=0, init_from=...): prune at once
+            self.apply_pruning(self.sparsity)
+            self.reached = self.sparsity
+            log.info("pruning=magnitude: %.1f%% of the chosen weights pruned before validating", 100 * self.sparsity)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = int(trainer.estimated_stepping_batches)
@@ -359,17 +368,27 @@ class HeadPruning(L.Callback):
         normalize: bool = True,
         batches: int = 8,
         dirpath: str | None = None,
+        at: str = "end",
     ):
         check_int("pruning.amount (heads to remove)", amount, 0)
         HEAD_SCOPES.get(scope)
+        check("pruning.at", at, lambda v: v in HEAD_PRUNING_TIMES, f"one of {', '.join(HEAD_PRUNING_TIMES)}")
         self.amount, self.scope, self.normalize, self.batches, self.dirpath = amount, scope, normalize, batches, dirpath
+        self.at = at
         self.kept: list[list[int]] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if cast(ModelTask, pl_module).model.config.positional["name"] == "alibi":
             raise ConfigError("pruning=heads cannot be combined with positional=alibi (its slopes are per head)")
+        if self.at == "start" and self.kept is None and stage in ("fit", "validate"):
+            self.prune(trainer, pl_module)  # before the optimizer is built: it holds the smaller projections
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at == "end":
+            self.prune(trainer, pl_module)
+
+    def prune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Score the heads on validation batches and remove the ``amount`` least important ones."""
         task = cast(ModelTask, pl_module)
         model = task.model
         before = model.num_parameters()
@@ -385,7 +404,7 @@ class HeadPruning(L.Callback):
             before,
             model.num_parameters(),
         )
-        if self.dirpath:
+        if self.dirpath and self.at == "end":
             trainer.save_checkpoint(Path(self.dirpath) / "pruned_heads.ckpt", weights_only=True)
 
     def _validation_batches(self, trainer: L.Trainer) -> Iterator[Any]:
