@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
 
-from tests.helpers import run_module
+from tests.helpers import CONF_DIR, run_module
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.run.study import (
     StudyJob,
@@ -192,3 +195,15 @@ def csv_rows(path: Path) -> list[dict[str, str]]:
 
     with path.open() as handle:
         return list(csv.DictReader(handle))
+
+
+def test_a_study_goes_to_a_cluster_through_the_submitit_launcher_unchanged():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", ["study=ablations", "hydra/launcher=slurm_gpu"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    hydra = cfg.hydra
+    assert hydra.launcher._target_.endswith("SlurmLauncher") and hydra.launcher.gpus_per_node == 1
+    assert hydra.sweeper._target_.endswith("StudySweeper") and hydra.mode == RunMode.MULTIRUN
+    assert hydra.sweep.dir == "multirun/study/ablations"
+    assert hydra.runtime.choices.study == "ablations" and "+experiment=sequence_ablation" in hydra.sweeper.common

@@ -1,1 +1,2 @@
-"""Looking inside a model: attention maps (extraction and plots), used by the tools and the callbacks."""
+"""Reading runs and models: attention maps (extraction and plots, for the tools and the callbacks) and the
+statistics of seed-replicated comparisons (``arms``: the report's intervals, paired differences and verdicts)."""
