@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +178,6 @@ def test_train_generate_evaluate_from_the_command_line(tmp_path):
     printed = table_values(evaluated.stdout)
     assert printed["val/loss"] == pytest.approx(metrics["val/loss"], abs=1e-4)
     assert printed["lambada/passages"] == 20
+    # progress on stderr (a bar on a terminal), then a closing count: a long evaluation never looks hung
+    assert re.search(r"^val: 32 blocks in \d+\.\d s$", evaluated.stderr, re.M), evaluated.stderr[-2000:]
+    assert re.search(r"^LAMBADA: 20 passages in \d+\.\d s$", evaluated.stderr, re.M), evaluated.stderr[-2000:]

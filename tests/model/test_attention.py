@@ -11,9 +11,11 @@ from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tests.model.conftest import tiny_config
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model import DecoderTransformer, efficient_attention
-from tiny_decoder.model.attention import ATTENTION
+from tiny_decoder.model import attention as attention_module
+from tiny_decoder.model.attention import ATTENTION, chunked_dropout_attention, dropout_attention
 from tiny_decoder.model.efficient_attention import (
     LinformerAttention,
     banded_window_attention,
@@ -366,3 +368,97 @@ def test_runs_in_bfloat16(build, attention, positional):
     model = _model(build, attention, positional).to(torch.bfloat16)  # ALiBi's bias is fp32: cast, no dtype clash
     logits = model(_ids())
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+# ------------------------------------------------------------------ sdpa with attention dropout on a CPU
+
+
+def _qkv(batch: int, heads: int, n: int, dim: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(batch, heads, n, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 20])
+def test_chunked_dropout_attention_without_dropout_is_the_reference_math(alibi, chunk):
+    """Forced through the chunked path with p=0, every chunk size gives softmax(QK^T/sqrt(d) + bias)V, values and
+    gradients (the causal prefix a chunk reads drops only masked keys)."""
+    q, k, v = _qkv(2, 3, 13, 4)
+    inputs = _inputs(13, 13, 3, alibi)
+    reference = dropout_attention(q, k, v, inputs.causal_mask, inputs.bias, 0.0)
+    chunked = chunked_dropout_attention(q, k, v, inputs, 0.0, chunk_size=chunk)
+    assert_close(chunked, reference, rtol=0, atol=1e-12)
+    assert_close(torch.autograd.grad(chunked.sum(), (q, k, v)), torch.autograd.grad(reference.sum(), (q, k, v)))
+    if not alibi:
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert_close(chunked, sdpa, rtol=0, atol=1e-12)
+
+
+def test_one_chunk_with_dropout_draws_the_reference_mask():
+    """With dropout and one chunk over all queries, the same seed gives the reference's values exactly."""
+    q, k, v = _qkv(2, 3, 9, 4)
+    inputs = _inputs(9, 9, 3, False)
+    torch.manual_seed(7)
+    chunked = chunked_dropout_attention(q, k, v, inputs, 0.3, chunk_size=9)
+    torch.manual_seed(7)
+    reference = dropout_attention(q, k, v, inputs.causal_mask, None, 0.3)
+    assert torch.equal(chunked, reference)
+    assert not torch.equal(chunked, dropout_attention(q, k, v, inputs.causal_mask, None, 0.0))  # dropout acted
+
+
+def test_recomputed_chunks_reuse_the_forward_dropout_masks():
+    """The backward pass recomputes each chunk (activation checkpointing) with the forward's dropout mask: the
+    gradients equal those of the same chunks kept for the backward pass, under the same seed."""
+    q, k, v = _qkv(2, 2, 11, 4)
+    inputs = _inputs(11, 11, 2, False)
+    results = []
+    for recompute in (True, False):
+        torch.manual_seed(3)
+        out = chunked_dropout_attention(q, k, v, inputs, 0.4, chunk_size=4, recompute=recompute)
+        results.append((out, torch.autograd.grad((out * torch.arange(4.0, dtype=out.dtype)).sum(), (q, k, v))))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.equal(a, b)
+
+
+class _LargestSaved:
+    """Largest tensor autograd keeps for the backward pass (elements)."""
+
+    def __init__(self):
+        self.largest = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.largest = max(self.largest, tensor.numel())
+        return tensor
+
+
+def test_sdpa_with_dropout_on_cpu_keeps_no_length_by_length_tensor(monkeypatch):
+    """Training sdpa with attention dropout: no (B, H, T, T) tensor is created, in forward or backward, and none
+    is kept for the backward pass; the largest created is one chunk's (B, H, C, T) weights."""
+    batch, heads, n, dim = 2, 2, 64, 4
+    monkeypatch.setattr(attention_module, "DROPOUT_CHUNK_ELEMENTS", batch * heads * 8 * n)  # chunks of 8 queries
+    q, k, v = _qkv(batch, heads, n, dim)
+    config = tiny_config(n_heads=heads, d_model=heads * dim, attention={"name": "sdpa"}, attention_dropout=0.1)
+    layer = ATTENTION.build("sdpa", config).train()
+    saved, inputs = _LargestSaved(), _inputs(n, n, heads, False)  # its (T, T) causal mask is built once a forward
+    with _CreatedShapes() as created:
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            out = layer.attend(q, k, v, inputs)
+        out.sum().backward()
+    assert out.shape == (batch, heads, n, dim)
+    assert not any(shape[-2:] == (n, n) and math.prod(shape) >= batch * heads * n * n for shape in created.shapes)
+    assert max(math.prod(shape) for shape in created.shapes) <= batch * heads * 8 * n
+    assert saved.largest <= batch * heads * n * dim  # only q, k, v slices and outputs: O(T * D), not O(T * T)
+
+
+def test_sdpa_without_dropout_or_in_eval_never_takes_the_chunked_path(build, monkeypatch):
+    """The no-dropout and eval paths never reach the chunked path (they are the fused SDPA call, as before)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the chunked dropout path ran")
+
+    monkeypatch.setattr(attention_module, "chunked_dropout_attention", fail)
+    build(attention=ATTENTIONS["sdpa"], positional={"name": "rope"}).train()(_ids())  # dropout 0, training
+    build(attention=ATTENTIONS["sdpa"], positional={"name": "rope"}, attention_dropout=0.2).eval()(_ids())
+    with pytest.raises(AssertionError, match="chunked dropout path"):
+        build(attention=ATTENTIONS["sdpa"], positional={"name": "rope"}, attention_dropout=0.2).train()(_ids())

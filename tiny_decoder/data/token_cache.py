@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -189,6 +190,9 @@ def build_cache(
     tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    n_docs = sum(len(split_docs) for split_docs in docs.values())
+    log.info("tokenizing %s documents (%s) -> %s", f"{n_docs:,}", ", ".join(docs), cache_path)
+    started = time.perf_counter()
     splits = {}
     for split, split_docs in docs.items():
         stream, n_bytes = encode_documents(split_docs, tokenizer, append_eot, num_proc)
@@ -196,6 +200,8 @@ def build_cache(
         np.save(tmp / f"{split}.npy", stream)
         splits[split] = {"docs": len(split_docs), "tokens": int(len(stream)), "bytes": int(n_bytes)}
     meta = {"tokenizer_fingerprint": tokenizer_fingerprint, "context_length": context_length, "splits": splits}
+    counts = ", ".join(f"{split} {stats['tokens']:,} tokens" for split, stats in splits.items())
+    log.info("token cache built: %s in %.1f s", counts, time.perf_counter() - started)
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
     try:
         os.replace(tmp, cache_path)

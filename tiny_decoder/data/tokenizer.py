@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def load_or_train_tokenizer(
         log.info("reusing tokenizer %s", path)
         return _load_checked(path, vocab_size, eot_token)
     log.info("training byte-level BPE tokenizer (vocab %d) -> %s", vocab_size, path)
+    started = time.perf_counter()
     tokenizer = _train_checked(texts_fn, vocab_size, eot_token)
     save_tokenizer(tokenizer, path)
+    log.info("tokenizer trained: %d tokens in %.1f s", tokenizer.get_vocab_size(), time.perf_counter() - started)
     return tokenizer

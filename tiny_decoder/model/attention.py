@@ -5,6 +5,14 @@ KV cache; subclasses only implement :meth:`attend` (``q, k, v -> output``). ``st
 ``softmax(QK^T / sqrt(d) + bias) V`` and can record its weights for inspection; ``sdpa`` calls torch's
 fused ``scaled_dot_product_attention`` (flash / memory-efficient kernels where the device has them).
 
+Dropout on the attention weights on a CPU: torch has no fused CPU kernel with dropout, so SDPA falls back to
+its math path, which keeps the softmax weights, the dropout mask and the dropped weights, ``(B, H, T, T)``
+each, of every layer for the backward pass (the stories260K recipe at batch 128: ~3 GiB a layer, ~19 GB for one
+step). ``sdpa`` computes that case in query chunks instead (:func:`chunked_dropout_attention`): each chunk is
+the same math on ``C`` queries, and is recomputed in the backward pass (activation checkpointing; the saved RNG
+state gives the recomputation the forward's dropout mask), so only one chunk's ``(B, H, C, Tk)`` weights exist
+at a time. Without dropout, in eval mode and on GPUs the fused kernels run as before.
+
 Heads can be gated and removed (structured pruning, ``tiny_decoder/training/pruning.py``): ``head_gate``, when
 set, multiplies each head's output (a 0/1 mask, or ones whose gradient is Michel et al.'s head importance);
 :meth:`CausalSelfAttention.keep_heads` removes the other heads' rows of the q/k/v projection and columns of the
@@ -19,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tiny_decoder.core.registry import Registry
 from tiny_decoder.model.cache import KVCache
@@ -116,6 +125,62 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, inputs: AttentionI
     return torch.softmax(masked_scores(q, k, inputs, inputs.causal_mask), dim=-1)
 
 
+# elements of one query chunk's (B, H, C, Tk) weights in :func:`chunked_dropout_attention` (32 MiB in fp32): the
+# chunk's forward and backward hold a few tensors of that size, a few hundred MiB at most
+DROPOUT_CHUNK_ELEMENTS = 2**23
+
+
+def dropout_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, bias: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """``dropout(softmax(QK^T / sqrt(d) + bias), p) V`` over the ``visible`` keys: the reference math, and one
+    chunk of :func:`chunked_dropout_attention`."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return F.dropout(weights, p) @ v
+
+
+def query_chunk_size(q: torch.Tensor, n_keys: int, max_elements: int | None = None) -> int:
+    """Queries per chunk so that a chunk's ``(B, H, C, n_keys)`` weights hold at most ``max_elements`` (default
+    :data:`DROPOUT_CHUNK_ELEMENTS`)."""
+    batch, heads, _, _ = q.shape
+    limit = DROPOUT_CHUNK_ELEMENTS if max_elements is None else max_elements
+    return max(1, limit // max(1, batch * heads * n_keys))
+
+
+def chunked_dropout_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: AttentionInputs,
+    p: float,
+    chunk_size: int | None = None,
+    recompute: bool = True,
+) -> torch.Tensor:
+    """:func:`dropout_attention` in chunks of ``chunk_size`` queries (default :func:`query_chunk_size`), each
+    recomputed in the backward pass when ``recompute`` and gradients are on (module doc): memory
+    ``O(B * H * C * Tk)`` instead of ``O(B * H * Tq * Tk)``. Over keys 0..T-1 of queries 0..T-1 a chunk of
+    queries ``[s, e)`` reads only keys ``[0, e)`` (the later ones are masked)."""
+    n_queries, n_keys = q.shape[2], k.shape[2]
+    size = chunk_size or query_chunk_size(q, n_keys)
+    prefix = inputs.is_prefill_from_start
+    recompute = recompute and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outputs = []
+    for start in range(0, n_queries, size):
+        end = min(start + size, n_queries)
+        keys = end if prefix else n_keys
+        visible = inputs.causal_mask[start:end, :keys]
+        bias = None if inputs.bias is None else inputs.bias[..., start:end, :keys]
+        args = (q[:, :, start:end], k[:, :, :keys], v[:, :, :keys], visible, bias, p)
+        if recompute:
+            outputs.append(checkpoint(dropout_attention, *args, use_reentrant=False))
+        else:
+            outputs.append(dropout_attention(*args))
+    return torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+
+
 @ATTENTION.register("standard")
 class StandardAttention(CausalSelfAttention):
     """Explicit softmax attention; set ``record_weights`` to keep the last ``(B, H, Tq, Tk)`` weights."""
@@ -139,9 +204,12 @@ class SDPAttention(CausalSelfAttention):
     Over a static KV cache (compiled decoding) it computes the same thing explicitly instead: the compiler
     fuses those few ops into the decoding step's kernels, while an SDPA call stays an opaque kernel of its own
     (for stories15M at batch 1 on a 2-core CPU: ~1,100 vs ~500 tokens/s, ``benchmarks/generation.py``).
+    With attention dropout on a CPU it attends in checkpointed query chunks (module doc).
     """
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        if self.active_dropout > 0 and q.device.type == "cpu" and not inputs.padded_keys:
+            return chunked_dropout_attention(q, k, v, inputs, self.active_dropout)
         if inputs.padded_keys:
             return F.dropout(attention_probabilities(q, k, inputs), self.active_dropout) @ v
         if inputs.bias is None:

@@ -4,6 +4,9 @@ objects."""
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -13,11 +16,20 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tiny_decoder.run.config_checks import build_model_config, check_added_keys, resolved_dict, validate_config
+from tiny_decoder.run.config_checks import (
+    build_model_config,
+    check_added_keys,
+    check_cpu_processes,
+    resolved_dict,
+    validate_config,
+)
+from tiny_decoder.run.memory import plan_memory
 from tiny_decoder.run.resume import continue_checkpoints_in, current_overrides, resolve_resume
 
 if TYPE_CHECKING:
     from tiny_decoder.tasks.base import DecoderTask
+
+log = logging.getLogger(__name__)
 
 
 def instantiate_named(group: DictConfig | None) -> list[Any]:
@@ -42,9 +54,11 @@ def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Ru
     configuration before anything is trained. ``cfg`` may be updated (a resumed run's checkpoint folder)."""
     validate_config(cfg)
     check_added_keys(cfg, current_overrides() or [])
+    check_cpu_processes(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model_config = build_model_config(cfg, datamodule)
+    plan_memory(cfg, model_config, datamodule)  # shrink_batch_to_gb, then a warning over budget_gb
     task = instantiate(
         cfg.task,
         model=model_config,
@@ -53,8 +67,15 @@ def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Ru
         _convert_="all",
     )
     set_threads(cfg.get("torch_threads"), task.model.num_parameters())
+    set_mmap_threshold(cfg.get("malloc_mmap_threshold_mb"))
     if cfg.get("compile"):
-        task.compile_steps(**compile_options(cfg))
+        options = compile_options(cfg)
+        log.info(
+            "compile=true: torch.compile%s of the training step and the evaluation forward; the first training "
+            "and validation steps compile (tens of seconds)",
+            f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "",
+        )
+        task.compile_steps(**options)
     ckpt_path = resolve_resume(cfg, model_config, getattr(task, "task_name", None))
     if ckpt_path:
         continue_checkpoints_in(cfg, ckpt_path)
@@ -78,6 +99,24 @@ def set_threads(torch_threads: int | str | None, parameters: int) -> int:
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     return torch.get_num_threads()
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def set_mmap_threshold(megabytes: float | None) -> bool:
+    """``malloc_mmap_threshold_mb``: glibc maps every allocation of at least this size on its own and unmaps it when
+    freed. Its default threshold grows to 32 MiB after the first large free, after which a step's many
+    freed 1-32 MiB activations stay in the heap's holes: one stories260K training step (batch 128) peaked at
+    4.9 GB resident with it against 2.9 GB with a fixed 1 MiB (same speed within noise). True when set (Linux,
+    glibc); null leaves glibc's default."""
+    if megabytes is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(float(megabytes) * 2**20)))
 
 
 def compile_options(cfg: DictConfig) -> dict[str, Any]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import lightning as L
+import torch
 from hydra._internal.utils import _locate
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +49,10 @@ RANGE_CHECKS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("trainer.gradient_clip_val", is_non_negative, ">= 0 (or null: no clipping)"),
     ("compile", is_bool, "true or false"),
     ("torch_threads", lambda v: v == "auto" or is_positive_int(v), "a positive integer, auto or null"),
+    ("budget_gb", is_positive, "a positive number of GiB (or null: available RAM / GPU memory)"),
+    ("shrink_batch_to_gb", is_positive, "a positive number of GiB (or null: keep data.batch_size)"),
+    ("malloc_mmap_threshold_mb", is_positive, "a positive number of MiB (or null: glibc's default)"),
+    ("allow_cpu_oversubscription", is_bool, "true or false"),
     ("precision", is_precision, f"one of {', '.join(PRECISIONS[:6])} (or null: trainer.precision)"),
     ("trainer.precision", is_precision, f"one of {', '.join(PRECISIONS[:6])}"),
 )
@@ -59,6 +65,35 @@ def validate_config(cfg: DictConfig) -> None:
         if isinstance(value, (DictConfig, Mapping)) or value is None:
             continue
         check(key, OmegaConf.to_object(value) if OmegaConf.is_config(value) else value, predicate, wanted)
+
+
+def cpu_training(cfg: DictConfig) -> bool:
+    """The trainer runs on the CPU: ``trainer.accelerator=cpu``, or ``auto`` with no GPU here."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+    gpu = torch.cuda.is_available() or (torch.backends.mps.is_available() and accelerator == "auto")
+    return accelerator == "cpu" or (accelerator == "auto" and not gpu)
+
+
+def check_cpu_processes(cfg: DictConfig, cores: int | None = None) -> None:
+    """Refuse more CPU training processes x threads than this machine has cores (``trainer=ddp
+    trainer.devices=4`` with no GPU: 4 processes on 2 cores), unless ``allow_cpu_oversubscription``."""
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if not isinstance(devices, int) and not (isinstance(devices, str) and devices.isdigit()):
+        return  # auto (one process on a CPU), a list of device ids or -1: Lightning decides
+    processes = int(devices) * int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1)
+    if processes <= 1 or not cpu_training(cfg) or cfg.get("allow_cpu_oversubscription"):
+        return
+    threads = cfg.get("torch_threads")
+    per_process = int(threads) if isinstance(threads, int) and not isinstance(threads, bool) else 1
+    cores = cores or os.cpu_count() or 1
+    if processes * per_process > cores:
+        gpu = "" if str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu" else " (no GPU found)"
+        threads_note = f" x {per_process} threads" if per_process > 1 else ""
+        raise ConfigError(
+            f"trainer.devices={devices} starts {processes} CPU training processes{threads_note}{gpu} on this "
+            f"machine's {cores} cores: use trainer=cpu (one process) or trainer.devices<={cores // per_process or 1}, "
+            "or allow_cpu_oversubscription=true to start them anyway"
+        )
 
 
 def check_argument(node: str, target: str, name: str) -> None:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics import MeanMetric
 
+from tiny_decoder.core.progress import track
 from tiny_decoder.data import tokenizer as tokenizer_lib
 from tiny_decoder.model.generation import generate
 from tiny_decoder.tasks.base import DecoderTask, EvaluationRequest, GenerationRequest, OptimizerFactory
@@ -272,7 +273,8 @@ class LanguageModel(DecoderTask):
         assert isinstance(blocks, Sized), "evaluate_blocks needs a map-style dataset (with a length)"
         n_blocks = len(blocks) if max_blocks is None else min(len(blocks), int(max_blocks))
         metrics = LanguageModelMetrics().to(self.device)
-        for batch in DataLoader(Subset(blocks, range(n_blocks)), batch_size=batch_size):
+        batches = DataLoader(Subset(blocks, range(n_blocks)), batch_size=batch_size)
+        for batch in track(batches, n_blocks, prefix.rstrip("/"), "blocks", size=lambda b: len(b["input"])):
             self._evaluate(move_data_to_device(batch, self.device), metrics)
         return {name: float(value) for name, value in metrics.compute(prefix, bytes_per_token).items()}
 
@@ -288,7 +290,8 @@ class LanguageModel(DecoderTask):
         if not passages:
             raise ValueError(f"lambada={path}: no passages")
         pairs = [(self.encode_prompt(context), self.tokenizer.encode(" " + target).ids) for context, target in passages]
-        scores = [self.score_continuations(pairs[i : i + batch_size]) for i in range(0, len(pairs), batch_size)]
+        batches = (pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size))
+        scores = [self.score_continuations(batch) for batch in track(batches, len(pairs), "LAMBADA", "passages", len)]
         nll, correct, n_tokens = (torch.cat(parts) for parts in zip(*scores, strict=True))
         return {
             "lambada/acc": correct.float().mean().item(),
