@@ -25,6 +25,7 @@ from tiny_decoder.run.config_checks import (
 )
 from tiny_decoder.run.memory import plan_memory
 from tiny_decoder.run.resume import continue_checkpoints_in, current_overrides, resolve_resume
+from tiny_decoder.tasks.checkpoint import load_weights
 
 if TYPE_CHECKING:
     from tiny_decoder.tasks.base import DecoderTask
@@ -50,8 +51,9 @@ class Run:
 
 
 def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Run:
-    """Seed, then data module, task (compiled under ``compile=true``), resume checkpoint and trainer; checks the
-    configuration before anything is trained. ``cfg`` may be updated (a resumed run's checkpoint folder)."""
+    """Seed, then data module, task (its weights from ``init_from`` when set; compiled under ``compile=true``),
+    resume checkpoint and trainer; checks the configuration before anything is trained. ``cfg`` may be updated
+    (a resumed run's checkpoint folder)."""
     validate_config(cfg)
     check_added_keys(cfg, current_overrides() or [])
     check_cpu_processes(cfg)
@@ -66,6 +68,8 @@ def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Ru
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         _convert_="all",
     )
+    if cfg.get("init_from"):
+        load_weights(task, str(cfg.init_from), field="init_from")
     set_threads(cfg.get("torch_threads"), task.model.num_parameters())
     set_mmap_threshold(cfg.get("malloc_mmap_threshold_mb"))
     if cfg.get("compile"):
