@@ -7,8 +7,8 @@ For each recipe of ``conf/experiment/`` (not ``base/``), in a subprocess of its 
 ``python -m tiny_decoder.train +experiment=NAME debug=fast`` (one training, validation and test batch, no
 checkpoints or logs), the language-model recipes on the shared offline text (``../shared/data``: TinyStories'
 train head + 3,000 stories and its validation head; Tiny Shakespeare's ``input.txt``), the sequence recipes on
-their generated data. The measured figure is the child's peak resident set size (``os.wait4``'s
-``ru_maxrss`` of that process: everything it ever held at once, Python, torch and Lightning included).
+their generated data. The measured figure is the child's peak resident set size (``ru_maxrss`` of that process,
+started by a small launcher: everything it ever held at once, Python, torch and Lightning included).
 
 The estimate is the ``estimate`` tool's (``tiny_decoder.run.memory.estimate_run`` of the same composed config,
 the batch ``debug=fast`` trains: ``shrink_batch_to_gb``, in the recipe's precision), whose total is of the whole
@@ -62,17 +62,22 @@ def data_overrides(experiment: str) -> tuple[str, ...]:
     return SHAKESPEARE_FILES if cfg.data.get("text_format") == "plain" else STORIES_FILES
 
 
+# a small launcher process runs the command and prints its peak: Linux keeps a process's RSS high-water mark across
+# exec, so a child forked straight from this process (torch loaded: ~400 MB) could never report less than that
+LAUNCHER = (
+    "import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+    "print(f'peak_kib={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); sys.exit(code)"
+)
+
+
 def child_peak(command: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
-    """Run ``command``; its exit code, peak RSS in MiB (``ru_maxrss`` of that child alone, via ``os.wait4``),
-    wall seconds and output."""
+    """Run ``command``; its exit code, peak RSS in MiB (``ru_maxrss`` of that process alone, started by a small
+    launcher), wall seconds and output."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)  # fmt: skip
-    assert process.stdout is not None
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, usage.ru_maxrss / 1024, time.perf_counter() - started, output
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, *command], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    output, _, peak = result.stdout.rpartition("peak_kib=")
+    return result.returncode, int(peak) / 1024, time.perf_counter() - started, output
 
 
 def estimate_of(experiment: str, overrides: list[str]) -> tuple[Any, int]:

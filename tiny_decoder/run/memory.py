@@ -287,10 +287,10 @@ def budget_bytes(cfg: DictConfig, gpu: bool) -> tuple[int, str]:
     """``budget_gb`` in bytes and how to name it (null: :func:`available_bytes`)."""
     value = cfg.get("budget_gb")
     if value is None:
-        where = "the GPU's memory" if gpu else "available RAM"
-        return available_bytes(gpu), f"{where} (budget_gb=null)"
+        where, available = ("the GPU's memory" if gpu else "the available RAM"), available_bytes(gpu)
+        return available, f"{where}, {available / GIB:.1f} GiB (budget_gb=null)"
     check("budget_gb", value, is_positive, "a positive number of GiB (or null: available RAM / GPU memory)")
-    return int(float(value) * GIB), f"budget_gb={float(value):g}"
+    return int(float(value) * GIB), f"budget_gb={float(value):g} GiB"
 
 
 REDUCE_HINT = "reduce data.batch_size, use precision=bf16-mixed, or shorten data.context_length"
@@ -302,9 +302,9 @@ def check_budget(cfg: DictConfig, config: ModelConfig) -> MemoryEstimate:
     budget, name = budget_bytes(cfg, on_gpu(cfg))
     if estimate.total_bytes > budget:
         log.warning(
-            "estimated peak memory %.1f GiB (batch %d, %s) exceeds %s = %.1f GiB: %s "
-            "(python -m tiny_decoder.estimate shows the parts)",
-            estimate.total_gib, int(cfg.data.batch_size), estimate.precision.name, name, budget / GIB, REDUCE_HINT,
+            "estimated peak memory %.1f GiB (batch %d, %s) exceeds %s: %s (python -m tiny_decoder.estimate "
+            "shows the parts)",
+            estimate.total_gib, int(cfg.data.batch_size), estimate.precision.name, name, REDUCE_HINT,
         )  # fmt: skip
     return estimate
 
