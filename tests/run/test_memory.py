@@ -128,6 +128,27 @@ def test_more_cpu_processes_than_cores_is_refused(compose_config, overrides, ref
     assert "use trainer=cpu (one process) or trainer.devices<=" in message and "allow_cpu_oversubscription" in message
 
 
+def expected_ddp_error(devices: int) -> str:
+    cores = os.cpu_count()
+    return (
+        f"error: trainer.devices={devices} starts {devices} CPU training processes (no GPU found) on this machine's "
+        f"{cores} cores: use trainer=cpu (one process) or trainer.devices<={cores}, or "
+        "allow_cpu_oversubscription=true to start them anyway"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs")
+def test_ddp_on_a_cpu_with_more_devices_than_cores_is_one_error_line_before_anything_starts(monkeypatch, capsys):
+    """The train tool's real entry point, in this process (the same command as a process: the slow test below)."""
+    devices = max(4, (os.cpu_count() or 1) + 1)
+    args = ["+experiment=sequence_seed", "trainer=ddp", f"trainer.devices={devices}", "debug=fast"]
+    assert run_train(monkeypatch, *args) == 2
+    errors = capsys.readouterr().err
+    assert [line for line in errors.splitlines() if line.startswith("error:")] == [expected_ddp_error(devices)]
+    assert "Traceback" not in errors
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without GPUs")
 def test_ddp_on_a_cpu_with_more_devices_than_cores_is_one_error_line():
     """``trainer=ddp trainer.devices=4`` (more if this machine has 4 cores or more) with no GPU, as a user runs it."""
@@ -137,9 +158,5 @@ def test_ddp_on_a_cpu_with_more_devices_than_cores_is_one_error_line():
     )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert lines == [
-        f"error: trainer.devices={devices} starts {devices} CPU training processes (no GPU found) on this machine's "
-        f"{os.cpu_count()} cores: use trainer=cpu (one process) or trainer.devices<={os.cpu_count()}, or "
-        "allow_cpu_oversubscription=true to start them anyway"
-    ], result.stderr[-2000:]
+    assert lines == [expected_ddp_error(devices)], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
