@@ -68,6 +68,7 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
             # resumed from a checkpoint of its last step (killed before results.json): score those weights
             trainer.validate(task, datamodule=datamodule, verbose=False)
     fit_metrics = _scalars(trainer.callback_metrics)
+    rates = throughput(trainer)  # before the test: its loop starts Lightning's logged metrics afresh
     # the first checkpoint callback (the config's ModelCheckpoint; no other kind is configured)
     checkpoint = trainer.checkpoint_callback if isinstance(trainer.checkpoint_callback, ModelCheckpoint) else None
     best_path = checkpoint.best_model_path if checkpoint else ""
@@ -83,7 +84,7 @@ def fit_and_test(cfg: DictConfig) -> RunResult:
     results: dict[str, Any] = {
         "val": validation_metrics(fit_metrics),
         # loss, learning rates, throughput (logged straight to the loggers by Lightning's ThroughputMonitor)
-        "train": {k: v for k, v in {**fit_metrics, **throughput(trainer)}.items() if k.startswith(NOT_VALIDATION)},
+        "train": {k: v for k, v in {**fit_metrics, **rates}.items() if k.startswith(NOT_VALIDATION)},
         "test": test_metrics,
         "best_checkpoint": best_path,
         "best_score": float(best_score) if best_score else None,
