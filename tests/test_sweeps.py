@@ -137,7 +137,11 @@ def test_every_value_of_the_sweep_makes_a_valid_config(path: Path):
     GlobalHydra.instance().clear()
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+# the TinyStories sweep trains a language model (~40 s on 2 busy cores): in the slow suite
+DRAWN = [pytest.param(path, marks=pytest.mark.slow) if "stories" in path.stem else path for path in SWEEPS]
+
+
+@pytest.mark.parametrize("path", DRAWN, ids=lambda p: p.stem)
 def test_drawn_command_line_trains(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sweep = load(path)
     experiment = experiment_of(sweep)

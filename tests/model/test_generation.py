@@ -143,6 +143,7 @@ def test_generate_restores_training_mode():
     assert model.training
 
 
+@pytest.mark.slow  # torch.compile: tens of seconds (the default suite keeps test_generate_compile_flag_*)
 def test_compiled_decoding_equals_eager_and_follows_weight_changes():
     """The compiled static-cache step (weights frozen into the graph) decodes like the eager cache, for two
     models in turn, and recompiles after the weights change in place (stale frozen weights would not)."""
@@ -161,6 +162,7 @@ def test_compiled_decoding_equals_eager_and_follows_weight_changes():
     assert torch.equal(generate(first, prompt, 40, compile=True), after)
 
 
+@pytest.mark.slow  # torch.compile: tens of seconds (the default suite keeps test_generate_compile_flag_*)
 def test_compiled_decoding_compiles_once_per_model_and_batch_shape():
     """Prompt and output lengths (the token buffer's strides) must not cause recompilations: a recompiled step
     would also miss the frozen-weight settings and run several times slower."""
