@@ -124,8 +124,9 @@ def set_mmap_threshold(megabytes: float | None) -> bool:
 
 
 def compile_options(cfg: DictConfig) -> dict[str, Any]:
-    """``torch.compile`` keyword arguments from ``compile_options`` (null entries: torch's defaults)."""
-    options = resolved_dict(cfg.get("compile_options") or {})
+    """``torch.compile`` keyword arguments from ``compile_options`` (null, or null entries: torch's defaults)."""
+    node = cfg.get("compile_options")
+    options = resolved_dict(node) if node else {}
     return {key: value for key, value in options.items() if value is not None}
 
 
