@@ -112,12 +112,17 @@ def _select_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linea
     return out
 
 
-def masked_scores(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs, visible: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product scores plus any positional bias, ``-inf`` where ``visible`` is False."""
+def biased_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, visible: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product scores plus ``bias`` (a positional bias, or None), ``-inf`` where ``visible`` is False."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if inputs.bias is not None:
-        scores = scores + inputs.bias.to(scores.dtype)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
     return scores.masked_fill(~visible, float("-inf"))
+
+
+def masked_scores(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs, visible: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product scores plus the inputs' positional bias, ``-inf`` where ``visible`` is False."""
+    return biased_scores(q, k, inputs.bias, visible)
 
 
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
@@ -135,11 +140,7 @@ def dropout_attention(
 ) -> torch.Tensor:
     """``dropout(softmax(QK^T / sqrt(d) + bias), p) V`` over the ``visible`` keys: the reference math, and one
     chunk of :func:`chunked_dropout_attention`."""
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if bias is not None:
-        scores = scores + bias.to(scores.dtype)
-    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return F.dropout(weights, p) @ v
+    return F.dropout(torch.softmax(biased_scores(q, k, bias, visible), dim=-1), p) @ v
 
 
 def query_chunk_size(q: torch.Tensor, n_keys: int, max_elements: int | None = None) -> int:
