@@ -448,9 +448,22 @@ def arm_table(
     root: Path, metrics: Sequence[str] = (DEFAULT_METRIC,), mode: str | None = None, baseline: str | None = None
 ) -> list[dict[str, Any]]:
     """The rows of ``arms.csv`` for the multirun under ``root`` (one per metric and arm, full precision)."""
-    study = read_manifest(Path(root))
-    arms = list(study["arms"]) if study else None
-    return compare_arms(load_jobs(Path(root)), metrics, mode, baseline or (study or {}).get("baseline"), arms).rows
+    return compare_multirun(Path(root), load_jobs(Path(root)), metrics, mode, baseline)[0].rows
+
+
+def compare_multirun(
+    root: Path, jobs: Sequence[Job], metrics: Sequence[str] | None, mode: str | None, baseline: str | None
+) -> tuple[ArmComparison, list[str], str | None]:
+    """:func:`compare_arms` of the jobs under ``root``, with the metrics and mode it used; a study's directory
+    (``study.yaml``) names the arms and gives the defaults of ``metrics``, ``mode`` and ``baseline``."""
+    study = read_manifest(root) or {}
+    chosen = list(metrics or study.get("metrics") or [DEFAULT_METRIC])
+    mode = mode or study.get("mode")
+    study_arms = list(study.get("arms") or []) or None
+    comparison = compare_arms(jobs, chosen, mode, baseline or study.get("baseline"), study_arms)
+    if baseline is None and study.get("baseline") and comparison.baseline is not None:
+        comparison.why = "the study's baseline arm"
+    return comparison, chosen, mode
 
 
 def number(value: float) -> str:
@@ -773,14 +786,8 @@ def build_report(
     (``study.yaml``, written by the study sweeper) gives the arms their names and the defaults of ``metrics``,
     ``mode`` and ``baseline``."""
     root, out = Path(root), Path(out or root)
-    study = read_manifest(root) or {}
-    metrics = list(metrics or study.get("metrics") or [DEFAULT_METRIC])
-    mode = mode or study.get("mode")
     jobs = load_jobs(root)
-    study_arms = list(study.get("arms") or []) or None
-    comparison = compare_arms(jobs, metrics, mode, baseline or study.get("baseline"), study_arms)
-    if baseline is None and study.get("baseline") and comparison.baseline is not None:
-        comparison.why = "the study's baseline arm"
+    comparison, metrics, mode = compare_multirun(root, jobs, metrics, mode, baseline)
     swept = swept_keys(jobs)
     columns_metrics = metric_columns(jobs, metrics)
     order = sort_mode(jobs, metrics[0], mode)
