@@ -10,15 +10,15 @@ import pytest
 
 from tests.helpers import run_module
 from tiny_decoder.core.errors import ConfigError
-from tiny_decoder.estimate import (
+from tiny_decoder.estimate import run_estimate
+from tiny_decoder.model import DecoderTransformer, ModelConfig
+from tiny_decoder.run.memory import (
     analytic_parameter_count,
     estimate_memory,
     exact_parameter_count,
     precision,
     precision_of,
-    run_estimate,
 )
-from tiny_decoder.model import DecoderTransformer, ModelConfig
 
 NORMS = [
     {"placement": "pre", "kind": "layernorm"},

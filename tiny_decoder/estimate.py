@@ -24,19 +24,12 @@ from rich.table import Table
 from tiny_decoder.cli import hydra_tool
 from tiny_decoder.model import ModelConfig
 from tiny_decoder.run.config_checks import build_model_config
-from tiny_decoder.run.memory import (  # noqa: F401  (the estimate's parts, also imported from here)
-    DEFAULT_PRECISION,
+from tiny_decoder.run.memory import (
     GIB,
     MIB,
     MemoryEstimate,
     Precision,
-    activation_bytes,
-    analytic_parameter_count,
-    estimate_memory,
     estimate_run,
-    exact_parameter_count,
-    precision,
-    precision_of,
     shrink_batch,
 )
 
