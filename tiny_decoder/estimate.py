@@ -23,7 +23,7 @@ from rich.table import Table
 
 from tiny_decoder.cli import hydra_tool
 from tiny_decoder.model import ModelConfig
-from tiny_decoder.run.config_checks import build_model_config
+from tiny_decoder.run.config_checks import build_model_config, validate_config
 from tiny_decoder.run.memory import (
     GIB,
     MIB,
@@ -72,6 +72,7 @@ def activation_note(numerics: Precision) -> str:
 
 
 def run_estimate(cfg: DictConfig) -> MemoryEstimate:
+    validate_config(cfg)  # budget_gb, shrink_batch_to_gb, precision: the training tool's range checks
     datamodule = instantiate(cfg.data, _convert_="all")
     config = ModelConfig.from_dict(build_model_config(cfg, datamodule))
     shrink_batch(cfg, config)

@@ -40,7 +40,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tiny_decoder.core.checks import check, is_positive
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.model import DecoderTransformer, ModelConfig
 from tiny_decoder.model.feedforward import swiglu_hidden_size
@@ -284,12 +283,12 @@ def available_bytes(gpu: bool) -> int:
 
 
 def budget_bytes(cfg: DictConfig, gpu: bool) -> tuple[int, str]:
-    """``budget_gb`` in bytes and how to name it (null: :func:`available_bytes`)."""
+    """``budget_gb`` in bytes and how to name it (null: :func:`available_bytes`); its range is checked with the
+    other fields' (``run/config_checks.py``)."""
     value = cfg.get("budget_gb")
     if value is None:
         where, available = ("the GPU's memory" if gpu else "the available RAM"), available_bytes(gpu)
         return available, f"{where}, {available / GIB:.1f} GiB (budget_gb=null)"
-    check("budget_gb", value, is_positive, "a positive number of GiB (or null: available RAM / GPU memory)")
     return int(float(value) * GIB), f"budget_gb={float(value):g} GiB"
 
 
@@ -316,7 +315,6 @@ def shrink_batch(cfg: DictConfig, config: ModelConfig) -> int:
     batch = int(OmegaConf.select(cfg, "data.batch_size", default=0) or 0)
     if limit is None or batch <= 1:
         return batch
-    check("shrink_batch_to_gb", limit, is_positive, "a positive number of GiB (or null: keep data.batch_size)")
     numerics, framework = precision_of(cfg), framework_bytes_of(cfg)
 
     def gib(size: int) -> float:
