@@ -70,6 +70,7 @@ from tiny_decoder.analysis.arms import (
     seed_sort_key,
     summarise,
 )
+from tiny_decoder.analysis.arms import swept_keys as differing_keys
 from tiny_decoder.cli import run_cli
 from tiny_decoder.run import run_dir
 from tiny_decoder.run.run_dir import RunDir, find_runs, read_logged_rows
@@ -200,9 +201,9 @@ def load_jobs(root: Path) -> list[Job]:
 
 
 def swept_keys(jobs: Sequence[Job]) -> list[str]:
-    """Override keys whose value differs between jobs (absent counts as a value), in first-seen order."""
-    keys = list(dict.fromkeys(key for job in jobs for key in job.overrides))
-    return [key for key in keys if len({job.overrides.get(key) for job in jobs}) > 1]
+    """Override keys (the seed too) whose value differs between jobs (absent counts as a value), in first-seen
+    order."""
+    return differing_keys({job.name: job.overrides for job in jobs}, seed_key=None)
 
 
 def common_overrides(jobs: Sequence[Job], swept: Sequence[str]) -> list[str]:

@@ -38,9 +38,9 @@ MODES = ("min", "max")
 # --------------------------------------------------------------------------------------------------------
 
 
-def swept_keys(overrides_by_job: Mapping[str, Mapping[str, str]], seed_key: str = SEED_KEY) -> list[str]:
-    """Override keys other than ``seed_key`` whose value differs between jobs (absent counts as a value), in
-    first-seen order."""
+def swept_keys(overrides_by_job: Mapping[str, Mapping[str, str]], seed_key: str | None = SEED_KEY) -> list[str]:
+    """Override keys other than ``seed_key`` (None: any key) whose value differs between jobs (absent counts as a
+    value), in first-seen order."""
     keys = list(dict.fromkeys(key for overrides in overrides_by_job.values() for key in overrides))
     values = overrides_by_job.values()
     return [key for key in keys if key != seed_key and len({overrides.get(key) for overrides in values}) > 1]
