@@ -23,6 +23,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from tiny_decoder.cli import composition_message
 from tiny_decoder.core.errors import ConfigError, one_line
 from tiny_decoder.run.config_checks import validate_config
 from tiny_decoder.run.study import StudyJob, StudyPlan, parse_study, pending_jobs, study_phases, write_manifest
@@ -95,7 +96,7 @@ class StudySweeper(Sweeper):
         elapsed = time.perf_counter() - started
         log.info("study %s: %d jobs in %.0f s; directory %s", study.name, len(plan.jobs), elapsed, sweep_dir)
         if self.write_report:
-            self._report(sweep_dir, study.metrics, study.mode, plan)
+            self._report(sweep_dir, study.name)
         return returns
 
     def _command_line(self, name: str, arguments: Sequence[str]) -> list[str]:
@@ -122,25 +123,21 @@ class StudySweeper(Sweeper):
             except ConfigError as error:
                 raise ConfigError(f"study {plan.study.name}: arm {job.arm}: {one_line(error)}") from error
             except Exception as error:  # Hydra's composition errors: an unknown group option, a bad key
-                raise ConfigError(f"study {plan.study.name}: arm {job.arm}: {_first_line(error)}") from error
+                raise ConfigError(f"study {plan.study.name}: arm {job.arm}: {composition_message(error)}") from error
 
-    def _report(self, sweep_dir: Path, metrics: Sequence[str], mode: str | None, plan: StudyPlan) -> None:
+    def _report(self, sweep_dir: Path, name: str) -> None:
+        """The report of the study's directory: its ``study.yaml`` gives the arms, metrics, mode and baseline."""
         from tiny_decoder.report import build_report  # the report tool (matplotlib) only once the jobs ended
 
         try:
-            report = build_report(sweep_dir, list(metrics), sweep_dir, mode, baseline=plan.study.baseline)
+            report = build_report(sweep_dir)
         except Exception as error:  # the runs are kept whatever happens here; say how to rebuild the report
             log.error(
                 "study %s: the report failed (%s); rebuild it: python -m tiny_decoder.report %s",
-                plan.study.name, one_line(error), sweep_dir,
+                name, one_line(error), sweep_dir,
             )  # fmt: skip
             return
-        log.info("study %s: report in %s", plan.study.name, report.files.get("arms_markdown", sweep_dir))
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+        log.info("study %s: report in %s", name, report.files.get("arms_markdown", sweep_dir))
 
 
 __all__ = ["StudyJob", "StudySweeper"]
