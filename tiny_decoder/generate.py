@@ -42,8 +42,8 @@ def speed(task: Any, request: GenerationRequest, outputs: list[str], seconds: fl
     if request.sequence:
         tokens = request.steps * len(outputs)
     elif getattr(task, "tokenizer", None) is not None and request.prompt is not None:
-        prompt_tokens = len(task.tokenizer.encode(request.prompt).ids)
-        tokens = sum(max(len(task.tokenizer.encode(text).ids) - prompt_tokens, 0) for text in outputs)
+        prompt_tokens = len(task.encode(request.prompt))
+        tokens = sum(max(len(task.encode(text)) - prompt_tokens, 0) for text in outputs)
     else:
         return ""
     return f", {tokens / seconds:.0f} new tokens/s" if seconds > 0 and tokens else ""

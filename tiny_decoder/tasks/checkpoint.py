@@ -13,10 +13,12 @@ The task modules register their classes in :data:`TASKS`; importing ``tiny_decod
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning
 import torch
 
 from tiny_decoder.core.errors import CheckpointError
@@ -137,3 +139,25 @@ def load_task(path: str | Path, map_location: Any = "cpu", field: str = "ckpt") 
     conform_to_state_dict(task, checkpoint["state_dict"])
     task.load_state_dict(checkpoint["state_dict"])
     return task.eval()
+
+
+def save_weights_checkpoint(task: Any, path: str | Path) -> Path:
+    """Write ``task`` (a ``DecoderTask``) as a weights-only checkpoint that :func:`load_task`, ``init_from=``,
+    the tools and distillation (as a teacher) read like a trained one: Lightning's ``state_dict`` and
+    ``hyper_parameters`` plus this project's metadata, no optimizer or loop state (not a ``resume=`` point).
+    Written to a temporary file and renamed, so a failed write leaves nothing behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = {
+        "state_dict": task.state_dict(),
+        "hyper_parameters": dict(task.hparams),
+        METADATA_KEY: metadata(TASKS.name_of(type(task))),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

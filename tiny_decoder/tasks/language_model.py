@@ -75,6 +75,8 @@ class LanguageModel(DecoderTask):
         tokenizer_fingerprint: str | None = None,
         bytes_per_token: dict[str, float] | None = None,
         prepend_eot: bool | None = None,
+        eot_token: str = tokenizer_lib.DEFAULT_EOT,
+        start_token: str | None = None,
         sample_prompts: Sequence[str] | None = None,
         sample_max_new_tokens: int = 100,
         sample_temperature: float = 0.8,
@@ -102,7 +104,19 @@ class LanguageModel(DecoderTask):
 
     @property
     def eot_id(self) -> int:
-        return tokenizer_lib.eot_id(self.tokenizer)
+        """The token that ends a text (``eot_token``: ``<|endoftext|>``; an imported model's own, e.g. ``<s>``)."""
+        return tokenizer_lib.eot_id(self.tokenizer, self.hparams.get("eot_token", tokenizer_lib.DEFAULT_EOT))
+
+    @property
+    def start_id(self) -> int:
+        """The token a prompt starts with under ``prepend_eot``: ``start_token`` when set (an imported Llama's
+        BOS), else the end-of-text token (every story starts after one)."""
+        start_token = self.hparams.get("start_token")
+        return self.eot_id if start_token is None else tokenizer_lib.eot_id(self.tokenizer, start_token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` alone (no special tokens a tokenizer's post-processor would add)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def use_tokenizer(self, tokenizer: Tokenizer) -> None:
         """Adopt ``tokenizer``; its JSON and fingerprint become hyper-parameters (so the checkpoint has them)."""
@@ -127,9 +141,9 @@ class LanguageModel(DecoderTask):
             )
 
     def encode_prompt(self, text: str) -> list[int]:
-        """Token ids of ``text``, after ``<|endoftext|>`` when ``prepend_eot`` (every story starts after one)."""
-        start = [self.eot_id] if self.hparams["prepend_eot"] else []
-        return start + self.tokenizer.encode(text).ids
+        """Token ids of ``text``, after the start token when ``prepend_eot`` (every story starts after one)."""
+        start = [self.start_id] if self.hparams["prepend_eot"] else []
+        return start + self.encode(text)
 
     def decode_continuation(self, ids: list[int]) -> str:
         """Text of generated ids up to (not including) the first ``<|endoftext|>``."""
@@ -289,7 +303,7 @@ class LanguageModel(DecoderTask):
         passages = read_lambada(path, limit)
         if not passages:
             raise ValueError(f"lambada={path}: no passages")
-        pairs = [(self.encode_prompt(context), self.tokenizer.encode(" " + target).ids) for context, target in passages]
+        pairs = [(self.encode_prompt(context), self.encode(" " + target)) for context, target in passages]
         batches = (pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size))
         scores = [self.score_continuations(batch) for batch in track(batches, len(pairs), "LAMBADA", "passages", len)]
         nll, correct, n_tokens = (torch.cat(parts) for parts in zip(*scores, strict=True))
