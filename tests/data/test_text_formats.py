@@ -1,5 +1,6 @@
 """Tests for the text formats and readers (tiny_decoder.data.text_formats), through TextDataModule: plain text
-with a held-out tail, line-aligned chunks, .json / .jsonl story files, a Hub dataset, an unknown format."""
+with a held-out tail, line-aligned chunks, .json / .jsonl story files, a Hub dataset (pinned revision), an
+unknown format."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import datasets
 import pytest
 
 from tests.data.text_helpers import SHAKESPEARE_FILE, make_dm, require
-from tiny_decoder.data.text_formats import chunk_lines
+from tiny_decoder.data.text_formats import PINNED_REVISIONS, chunk_lines
 
 pytestmark = pytest.mark.usefixtures("offline")
 
@@ -49,11 +50,19 @@ def test_hub_dataset_path(tmp_path, monkeypatch, stories):
         validation=datasets.Dataset.from_dict({"text": ["  " + s + "\n" for s in stories[100:]]}),
     )
     requested = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name: requested.append(name) or fake)
-    dm = make_dm(tmp_path, hub_dataset="someone/stories")
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, revision: requested.append((name, revision)) or fake)
+    dm = make_dm(tmp_path, hub_dataset="someone/stories", hub_revision="abc123")
     dm.setup()
-    assert requested == ["someone/stories"]
+    assert requested == [("someone/stories", "abc123")]
     assert dm.split_stats["validation"]["docs"] == len(stories) - 100
+    assert dm.split_stats["train"]["docs"] == 100
+
+
+def test_hub_route_pins_a_revision_by_default(tmp_path):
+    assert make_dm(tmp_path).hub_revision == PINNED_REVISIONS["roneneldan/TinyStories"]  # the class default
+    assert len(PINNED_REVISIONS["roneneldan/TinyStories"]) == 40  # a commit, not a branch
+    assert make_dm(tmp_path, hub_dataset="someone/other").hub_revision == "main"
+    assert make_dm(tmp_path, files={"train": "x.txt"}).hub_revision is None  # files: no Hub revision
 
 
 def test_unknown_text_format_is_refused(tmp_path):

@@ -4,12 +4,13 @@ the validation cap is applied at load time, and too little text for one block is
 
 from __future__ import annotations
 
-import datasets
 import numpy as np
 import pytest
 import torch
 
 from tests.data.text_helpers import CONTEXT, STORIES_FILE, VOCAB, all_blocks, make_dm, require, write_stories
+from tiny_decoder.data import text as text_module
+from tiny_decoder.data import token_cache
 from tiny_decoder.data import tokenizer as tokenizer_lib
 
 pytestmark = pytest.mark.usefixtures("offline")
@@ -52,8 +53,8 @@ def test_second_setup_is_a_cache_hit_and_context_change_a_miss(tmp_path, monkeyp
 
     with monkeypatch.context() as patch:
         patch.setattr(tokenizer_lib, "train_bpe", forbidden)
-        patch.setattr(datasets.Dataset, "map", forbidden)
-        patch.setattr(datasets, "load_dataset", forbidden)
+        patch.setattr(token_cache, "write_split", forbidden)
+        patch.setattr(text_module, "read_documents", forbidden)
         second = make_dm(tmp_path, files=files, max_train_docs=200)
         second.setup()
     assert (second.cache_hit, second.tokenizer_trained) == (True, False)

@@ -1,11 +1,11 @@
 """The generic text data module, `TextDataModule`: TinyStories, Tiny Shakespeare or any text corpus as packed
 next-token-prediction blocks (`conf/data/tinystories.yaml`, `conf/data/text_file.yaml`).
 
-Documents are read with `datasets` from local files or a Hub dataset (`data/text_formats.py`), a byte-level
-BPE is trained on (or reused for) the train split (`data/tokenizer.py`), and every split is tokenized and
-packed into fixed blocks of ``context_length + 1`` tokens, cached on disk under a key built from the inputs
-(`data/token_cache.py`), so a second `setup` with the same inputs neither retrains the tokenizer nor
-re-tokenizes.
+Documents are streamed from local files or a Hub dataset (`data/text_formats.py`), a byte-level BPE is
+trained on (or reused for) the train split (`data/tokenizer.py`), and every split is tokenized in parallel
+straight into a uint16 / uint32 token file, packed into fixed blocks of ``context_length + 1`` tokens and cached
+on disk under a key built from the inputs (`data/token_cache.py`), so a second `setup` with the same inputs
+neither retrains the tokenizer nor re-tokenizes. Memory stays flat in the corpus size.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
+from tiny_decoder.core.checks import check, is_positive_int
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.data import text_formats, token_cache
 from tiny_decoder.data import tokenizer as tokenizer_lib
-from tiny_decoder.data.text_formats import EOT_TOKEN, SPLITS, read_documents
+from tiny_decoder.data.text_formats import EOT_TOKEN, SPLITS, Documents, read_documents
 from tiny_decoder.data.token_cache import PackedBlocks
 
 log = logging.getLogger(__name__)
+TRAIN_BATCH_DOCS = 1000  # documents a batch while training the tokenizer
 
 
 def _as_path_list(value: str | os.PathLike | list) -> list[Path]:
@@ -47,20 +49,22 @@ class TextDataModule(L.LightningDataModule):
 
     `tokenizer_json` (a `Tokenizer.to_str()`, e.g. the one a checkpoint stores) is used as given: the vocab
     size is taken from it and no train split is needed (evaluating a trained model on new text).
-    Splits of `files` set to null are left out; all null means no files (the Hub dataset).
+    Splits of `files` set to null are left out; all null means no files (the Hub dataset at `hub_revision`;
+    null: the pinned commit of a known dataset). `num_proc`: tokenizing threads (null: the cores).
     """
 
     def __init__(
         self,
         files: Mapping[str, str | list[str]] | None = None,
         hub_dataset: str | None = "roneneldan/TinyStories",
+        hub_revision: str | None = None,
         text_format: str = "stories",
         val_fraction: float = 0.05,
         vocab_size: int = 2048,
         context_length: int = 256,
         batch_size: int = 32,
         num_workers: int = 0,
-        num_proc: int = 1,
+        num_proc: int | None = None,
         cache_dir: str | None = None,
         tokenizer_path: str | None = None,
         tokenizer_json: str | None = None,
@@ -79,12 +83,16 @@ class TextDataModule(L.LightningDataModule):
         if self.files is None and not hub_dataset:
             raise ConfigError("set data.files (split -> path) or data.hub_dataset")
         self.hub_dataset = hub_dataset
+        self.hub_revision = None
+        if self.files is None and hub_dataset:
+            self.hub_revision = text_formats.pinned_revision(hub_dataset, hub_revision)
         self.text_format = text_format
         self.val_fraction = val_fraction
         self.requested_vocab_size = vocab_size
         self.context_length = context_length
         self.batch_size = batch_size
         self.num_workers = num_workers
+        check("data.num_proc", num_proc, lambda n: n is None or is_positive_int(n), "null (the cores) or >= 1")
         self.num_proc = num_proc
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else token_cache.default_cache_dir()
         self.tokenizer_path = Path(tokenizer_path).expanduser() if tokenizer_path else None
@@ -172,16 +180,23 @@ class TextDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- tokenizer and cache
 
-    def _load_documents(self) -> dict:
+    def _load_documents(self) -> dict[str, Documents]:
         return read_documents(
             self._resolved_files(),
             self.hub_dataset,
             self.format,
             val_fraction=self.val_fraction,
             max_train_docs=self.max_train_docs,
-            num_proc=self.num_proc,
-            hf_cache=str(self.cache_root / "hf_datasets"),
+            hub_revision=self.hub_revision,
         )
+
+    def _expected_bytes(self) -> dict[str, int]:
+        """Each split's text size where files give it (a held-out split: at most its train file's)."""
+        files = self._resolved_files() or {}
+        sizes = {split: sum(p.stat().st_size for p in paths) for split, paths in files.items()}
+        if "train" in sizes and "validation" not in sizes:
+            sizes["validation"] = int(sizes["train"] * (self.val_fraction or 0)) + 1
+        return sizes
 
     def _get_tokenizer(self, key_inputs: dict, load_docs: Callable[[], dict]):
         if self.given_tokenizer is not None:
@@ -192,14 +207,14 @@ class TextDataModule(L.LightningDataModule):
         )
         self.tokenizer_trained = not path.exists()
         return tokenizer_lib.load_or_train_tokenizer(
-            path, lambda: token_cache.iter_text_batches(load_docs()["train"]), self.requested_vocab_size, EOT_TOKEN
+            path, lambda: load_docs()["train"].batches(TRAIN_BATCH_DOCS), self.requested_vocab_size, EOT_TOKEN
         )
 
     def _ensure_cache(self):
         """Make sure tokenizer and packed token streams exist on disk; returns (cache dir, tokenizer)."""
         if self.cache_path is not None:
             return self.cache_path, self._cached_tokenizer
-        source = token_cache.source_fingerprint(self._resolved_files(), self.hub_dataset)
+        source = token_cache.source_fingerprint(self._resolved_files(), self.hub_dataset, self.hub_revision)
         holdout = self._holdout_fraction()
         key_inputs = token_cache.cache_key_inputs(source, self.text_format, holdout, self.max_train_docs)
         load_docs = functools.cache(self._load_documents)
@@ -217,6 +232,7 @@ class TextDataModule(L.LightningDataModule):
                 context_length=self.context_length,
                 append_eot=self.format.append_eot,
                 num_proc=self.num_proc,
+                expected_bytes=self._expected_bytes(),
             )
         self.cache_path, self._cached_tokenizer = cache_path, tokenizer
         return cache_path, tokenizer

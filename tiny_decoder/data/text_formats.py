@@ -1,22 +1,28 @@
-"""Reading text into documents: the readers of .txt / .json / .jsonl files and of a Hub dataset, the text
-formats (``stories``: documents separated by the end-of-text marker; ``plain``: one contiguous text cut into
+"""Reading text into documents, streamed: the readers of .txt / .json / .jsonl files and of a Hub dataset, the
+text formats (``stories``: documents separated by the end-of-text marker; ``plain``: one contiguous text cut into
 line-aligned chunks), and holding out a validation fraction of the train documents when no validation file
 is given.
 
-`read_documents` is the one entry: splits of files (or a Hub dataset) -> ``{split: datasets.Dataset}`` with a
-"text" column, one row per document. Tokenizing and packing those documents is `data/token_cache.py`.
+Nothing holds a whole file: a .txt is read in chunks of :data:`READ_CHUNK_CHARS` characters (a story or line cut
+by a chunk's end is carried into the next, so the documents equal those of the whole text), a .json's
+``{"texts": [...]}`` is parsed incrementally (ijson), a .jsonl line by line, a Hub dataset's Arrow rows in
+batches. `read_documents` is the one entry: splits of files (or a Hub dataset) -> ``{split: Documents}``, each a
+re-iterable sequence of document strings. Tokenizing and packing them is `data/token_cache.py`.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import ijson
 import numpy as np
 
 from tiny_decoder.core.checks import check, check_number
@@ -28,72 +34,105 @@ log = logging.getLogger(__name__)
 EOT_TOKEN = tokenizer_lib.DEFAULT_EOT
 SPLITS = ("train", "validation", "test")
 PLAIN_CHUNK_CHARS = 4096
+READ_CHUNK_CHARS = 1 << 22  # characters read from a .txt at a time (4 Mi: ~4-16 MB of str)
+HUB_BATCH_ROWS = 1000
 HOLDOUT_SEED = 1234  # fixed, so the held-out validation docs do not change with the training seed
+# revisions the Hub route uses when data.hub_revision is null (a dataset not listed here: its main branch)
+PINNED_REVISIONS = {"roneneldan/TinyStories": "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64"}
+
+Text = Iterable[str]  # one contiguous text, in pieces (a file's chunks, or one row: a single piece)
 
 
-def effective_num_proc(num_proc: int, n_rows: int) -> int | None:
-    """The processes a `Dataset.map` over ``n_rows`` rows uses: None (in-process) unless more than one."""
-    n = min(num_proc, n_rows)
-    return n if n > 1 else None
+# ----------------------------------------------------------------------------- text -> documents
 
 
-# ----------------------------------------------------------------------------- rows -> documents
+def split_stories(pieces: Text) -> Iterator[str]:
+    """The stories of one text given in pieces: split on the EOT marker (across piece ends), stripped, empty
+    ones dropped: the same documents as ``text.split(EOT)`` of the joined text."""
+    carry = ""
+    for piece in pieces:
+        parts = (carry + piece).split(EOT_TOKEN)
+        carry = parts.pop()
+        yield from (story for story in (part.strip() for part in parts) if story)
+    if carry.strip():
+        yield carry.strip()
 
 
-def _split_stories(batch: dict) -> dict:
-    """Batched map: split raw rows on the EOT marker, strip, drop empty stories."""
-    stories = (s.strip() for doc in batch["text"] for s in doc.split(EOT_TOKEN))
-    return {"text": [s for s in stories if s]}
+def iter_lines(pieces: Text) -> Iterator[str]:
+    """The lines (ends kept) of one text given in pieces: those of ``"".join(pieces).splitlines(True)``."""
+    carry = ""
+    for piece in pieces:
+        lines = (carry + piece).splitlines(keepends=True)
+        carry = lines.pop() if lines else ""  # the last line may go on in the next piece
+        yield from lines
+    if carry:
+        yield carry
 
 
-def chunk_lines(text: str, max_chars: int = PLAIN_CHUNK_CHARS) -> list[str]:
-    """Cut text at line ends into chunks of at most ~max_chars; "".join(chunks) == text."""
-    chunks: list[str] = []
+def chunk_line_stream(lines: Iterable[str], max_chars: int = PLAIN_CHUNK_CHARS) -> Iterator[str]:
+    """Greedily join lines into chunks of at most ~max_chars (a longer line is a chunk of its own)."""
     current: list[str] = []
     size = 0
-    for line in text.splitlines(keepends=True):
+    for line in lines:
         if current and size + len(line) > max_chars:
-            chunks.append("".join(current))
+            yield "".join(current)
             current, size = [], 0
         current.append(line)
         size += len(line)
     if current:
-        chunks.append("".join(current))
-    return chunks
+        yield "".join(current)
 
 
-def _chunk_plain(batch: dict) -> dict:
-    """Batched map: cut whole-file rows into line-aligned chunks (documents of a contiguous text)."""
-    return {"text": [chunk for doc in batch["text"] for chunk in chunk_lines(doc)]}
+def chunk_lines(text: str, max_chars: int = PLAIN_CHUNK_CHARS) -> list[str]:
+    """Cut text at line ends into chunks of at most ~max_chars; "".join(chunks) == text."""
+    return list(chunk_line_stream(text.splitlines(keepends=True), max_chars))
 
 
-# ----------------------------------------------------------------------------- file readers
+def plain_chunks(pieces: Text) -> Iterator[str]:
+    """The line-aligned chunks of one contiguous text given in pieces."""
+    return chunk_line_stream(iter_lines(pieces))
 
 
-def _read_text_document(path: Path, cache_dir: str | None) -> datasets.Dataset:
-    return datasets.load_dataset("text", data_files=str(path), sample_by="document", split="train", cache_dir=cache_dir)
+# ----------------------------------------------------------------------------- file readers: path -> texts
 
 
-def _read_json_texts(path: Path, cache_dir: str | None) -> datasets.Dataset:
-    return datasets.load_dataset("json", data_files=str(path), field="texts", split="train", cache_dir=cache_dir)
+def read_text_file(path: Path) -> Iterator[Text]:
+    """A text file as one text, read in chunks (universal newlines, as `open` and datasets' text loader)."""
+
+    def chunks() -> Iterator[str]:
+        with open(path, encoding="utf-8") as file:
+            while chunk := file.read(READ_CHUNK_CHARS):
+                yield chunk
+
+    yield chunks()
 
 
-def _read_jsonl_text(path: Path, cache_dir: str | None) -> datasets.Dataset:
-    ds = datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
-    return ds.select_columns(["text"])
+def read_json_texts(path: Path) -> Iterator[Text]:
+    """``{"texts": [...]}``: each string a text, parsed incrementally."""
+    with open(path, "rb") as file:
+        for text in ijson.items(file, "texts.item"):
+            yield (text,)
 
 
-STORY_READERS: dict[str, Callable[[Path, str | None], datasets.Dataset]] = {
-    ".txt": _read_text_document,
-    ".json": _read_json_texts,
-    ".jsonl": _read_jsonl_text,
+def read_jsonl_texts(path: Path) -> Iterator[Text]:
+    """One JSON object a line: its "text" field a text (blank lines skipped)."""
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if line.strip():
+                yield (json.loads(line)["text"],)
+
+
+STORY_READERS: dict[str, Callable[[Path], Iterator[Text]]] = {
+    ".txt": read_text_file,
+    ".json": read_json_texts,
+    ".jsonl": read_jsonl_texts,
 }
 
 
-def _read_story_file(path: Path, cache_dir: str | None) -> datasets.Dataset:
+def read_story_file(path: Path) -> Iterator[Text]:
     wanted = f"one of: {', '.join(STORY_READERS)}"
     check(f"the suffix of story file {path}", path.suffix, STORY_READERS.__contains__, wanted)
-    return STORY_READERS[path.suffix](path, cache_dir)
+    return STORY_READERS[path.suffix](path)
 
 
 # ----------------------------------------------------------------------------- validation hold-out
@@ -121,6 +160,12 @@ def _tail_holdout(n_docs: int, fraction: float) -> tuple[np.ndarray, np.ndarray]
     return np.arange(n_train), np.arange(n_train, n_docs)
 
 
+def _mask(n_docs: int, indices: np.ndarray) -> np.ndarray:
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[indices] = True
+    return mask
+
+
 # ----------------------------------------------------------------------------- formats
 
 
@@ -128,15 +173,15 @@ def _tail_holdout(n_docs: int, fraction: float) -> tuple[np.ndarray, np.ndarray]
 class TextFormat:
     """How one text format is read, cut into documents, separated and split for validation."""
 
-    read_file: Callable[[Path, str | None], datasets.Dataset]  # one file -> rows with a "text" column
-    to_documents: Callable[[dict], dict]  # batched map: rows -> documents
+    read_file: Callable[[Path], Iterator[Text]]  # one file -> its texts
+    to_documents: Callable[[Text], Iterator[str]]  # one text (in pieces) -> its documents
     append_eot: bool  # append the EOT id after every document
     hold_out: Callable[[int, float], tuple[np.ndarray, np.ndarray]]  # (n docs, fraction) -> train/val idx
 
 
 TEXT_FORMATS: dict[str, TextFormat] = {
-    "stories": TextFormat(_read_story_file, _split_stories, append_eot=True, hold_out=_random_holdout),
-    "plain": TextFormat(_read_text_document, _chunk_plain, append_eot=False, hold_out=_tail_holdout),
+    "stories": TextFormat(read_story_file, split_stories, append_eot=True, hold_out=_random_holdout),
+    "plain": TextFormat(read_text_file, plain_chunks, append_eot=False, hold_out=_tail_holdout),
 }
 
 
@@ -146,7 +191,49 @@ def text_format(name: str) -> TextFormat:
     return TEXT_FORMATS[name]
 
 
-# ----------------------------------------------------------------------------- reading the splits
+# ----------------------------------------------------------------------------- one split's documents
+
+
+@dataclass(frozen=True)
+class Documents:
+    """One split's documents, re-iterable and never all in memory: the documents of ``texts()`` in order, only
+    those where ``keep`` is true (a validation hold-out), at most the first ``limit`` (data.max_train_docs)."""
+
+    texts: Callable[[], Iterator[Text]]
+    to_documents: Callable[[Text], Iterator[str]]
+    keep: np.ndarray | None = None
+    limit: int | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        docs: Iterator[str] = itertools.chain.from_iterable(map(self.to_documents, self.texts()))
+        if self.keep is not None:
+            docs = itertools.compress(docs, self.keep)
+        return itertools.islice(docs, self.limit)
+
+    def batches(self, size: int) -> Iterator[list[str]]:
+        """The documents in lists of ``size`` (the last one shorter)."""
+        docs = iter(self)
+        while batch := list(itertools.islice(docs, size)):
+            yield batch
+
+    def count(self) -> int:
+        """The number of documents (one pass over the text)."""
+        return sum(1 for _ in self)
+
+    def replace(self, **changes: object) -> Documents:
+        return Documents(**{**vars(self), **changes})
+
+
+def _file_texts(paths: list[Path], fmt: TextFormat) -> Callable[[], Iterator[Text]]:
+    return lambda: itertools.chain.from_iterable(fmt.read_file(path) for path in paths)
+
+
+def _hub_texts(split: datasets.Dataset) -> Callable[[], Iterator[Text]]:
+    rows = split.select_columns(["text"])
+    return lambda: ((text,) for batch in rows.iter(batch_size=HUB_BATCH_ROWS) for text in batch["text"])
+
+
+# ----------------------------------------------------------------------------- the Hub
 
 
 HUB_HOST = "huggingface.co"
@@ -154,6 +241,16 @@ LOCAL_FILES_HINT = (
     "pass local files instead: data.files.train=PATH [data.files.validation=PATH] (.txt, .json or .jsonl), or, if "
     "the dataset is already in your Hugging Face cache, set HF_HUB_OFFLINE=1"
 )
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def pinned_revision(name: str, revision: str | None) -> str:
+    """``data.hub_revision``, or the pinned commit of a known dataset (:data:`PINNED_REVISIONS`), else "main"."""
+    if revision:
+        return revision
+    if name not in PINNED_REVISIONS:
+        log.warning("data.hub_dataset=%s: no pinned revision, using its main branch (set data.hub_revision)", name)
+    return PINNED_REVISIONS.get(name, "main")
 
 
 def hub_reachable(host: str = HUB_HOST) -> bool:
@@ -165,42 +262,32 @@ def hub_reachable(host: str = HUB_HOST) -> bool:
     return True
 
 
-def load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
-    """Every split of the Hub dataset ``name``; one ConfigError, at once, when it cannot be had."""
+def load_hub_dataset(name: str, revision: str) -> dict[str, datasets.Dataset]:
+    """Every split of the Hub dataset ``name`` at ``revision`` (memory-mapped Arrow in the Hugging Face cache);
+    one ConfigError, at once, when it cannot be had."""
     offline = any(os.environ.get(flag, "").lower() in ("1", "true", "yes") for flag in OFFLINE_FLAGS)
     if not offline and not hub_reachable():
         raise ConfigError(
             f"data.hub_dataset={name}: the Hugging Face Hub ({HUB_HOST}) cannot be reached; {LOCAL_FILES_HINT}"
         )
     try:
-        return dict(datasets.load_dataset(name))
+        return dict(datasets.load_dataset(name, revision=revision))
     except (ConnectionError, OSError, ValueError) as error:  # offline and not cached, unknown name, ...
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise ConfigError(f"data.hub_dataset={name}: cannot load it ({reason}); {LOCAL_FILES_HINT}") from error
 
 
-OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+# ----------------------------------------------------------------------------- reading the splits
 
 
-def _read_raw_splits(
-    files: dict[str, list[Path]] | None, hub_dataset: str | None, fmt: TextFormat, hf_cache: str
-) -> dict[str, datasets.Dataset]:
+def _split_documents(
+    files: dict[str, list[Path]] | None, hub_dataset: str | None, revision: str | None, fmt: TextFormat
+) -> dict[str, Documents]:
     if files is None:
-        return load_hub_dataset(str(hub_dataset))
-    return {
-        split: datasets.concatenate_datasets([fmt.read_file(p, hf_cache) for p in paths])
-        for split, paths in files.items()
-    }
-
-
-def _to_documents(raw: datasets.Dataset, fmt: TextFormat, num_proc: int) -> datasets.Dataset:
-    return raw.map(
-        fmt.to_documents,
-        batched=True,
-        remove_columns=raw.column_names,
-        num_proc=effective_num_proc(num_proc, len(raw)),
-        desc="documents",
-    )
+        name = str(hub_dataset)
+        hub = load_hub_dataset(name, pinned_revision(name, revision))
+        return {split: Documents(_hub_texts(ds), fmt.to_documents) for split, ds in hub.items() if split in SPLITS}
+    return {split: Documents(_file_texts(paths, fmt), fmt.to_documents) for split, paths in files.items()}
 
 
 def read_documents(
@@ -210,20 +297,19 @@ def read_documents(
     *,
     val_fraction: float,
     max_train_docs: int | None,
-    num_proc: int,
-    hf_cache: str,
-) -> dict[str, datasets.Dataset]:
+    hub_revision: str | None = None,
+) -> dict[str, Documents]:
     """The documents of every split: from ``files`` (split -> existing paths) or, when None, the Hub dataset.
-    Without a validation split a ``val_fraction`` of the train documents is held out (``fmt.hold_out``); the
-    train split is then cut to its first ``max_train_docs`` documents."""
-    raw = _read_raw_splits(files, hub_dataset, fmt, hf_cache)
-    docs = {split: _to_documents(ds, fmt, num_proc) for split, ds in raw.items() if split in SPLITS}
+    Without a validation split a ``val_fraction`` of the train documents is held out (``fmt.hold_out``, after
+    one counting pass); the train split is then cut to its first ``max_train_docs`` documents."""
+    docs = _split_documents(files, hub_dataset, hub_revision, fmt)
     if "validation" not in docs and "train" in docs:
         train = docs["train"]
-        train_idx, val_idx = fmt.hold_out(len(train), val_fraction)
-        docs["train"], docs["validation"] = train.select(train_idx), train.select(val_idx)
+        n_docs = train.count()
+        train_idx, val_idx = fmt.hold_out(n_docs, val_fraction)
+        docs["train"] = train.replace(keep=_mask(n_docs, train_idx))
+        docs["validation"] = train.replace(keep=_mask(n_docs, val_idx))
+        log.info("data: held out %d of %d train documents for validation", len(val_idx), n_docs)
     if max_train_docs is not None and "train" in docs:
-        docs["train"] = docs["train"].select(range(min(max_train_docs, len(docs["train"]))))
-    for split, ds in docs.items():
-        log.info("data: %s has %d documents", split, len(ds))
+        docs["train"] = docs["train"].replace(limit=max_train_docs)
     return docs

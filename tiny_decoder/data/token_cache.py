@@ -1,14 +1,18 @@
-"""Documents -> token blocks, cached on disk: tokenizing every split with `Dataset.map` into one token stream
-(the EOT id after each document where the format asks for it), packing the stream into non-overlapping blocks
-of ``context_length + 1`` tokens (`PackedBlocks`), and the on-disk cache of those streams.
+"""Documents -> token blocks, cached on disk: every split's documents streamed through the tokenizer into one
+token file (the EOT id after each document where the format asks for it, `data/token_stream.py`), packed into
+non-overlapping blocks of ``context_length + 1`` tokens (`PackedBlocks`), and the on-disk cache of those files.
 
 Cache layout under the cache root (``$TINY_DECODER_CACHE`` or ~/.cache/tiny_decoder):
 ``tokenizers/<key>/tokenizer.json`` (a trained tokenizer, keyed by the inputs and the vocab size) and
-``packed/<key>/{<split>.npy, meta.json}`` (token streams and their docs / tokens / bytes, keyed by the inputs,
-the tokenizer's fingerprint and the context length). The inputs' fingerprint (`cache_key_inputs`) covers the
-source files (path, size, mtime) or the Hub dataset's name, the text format, the validation hold-out, the
-train-document cap and the EOT marker, so a second run with the same inputs neither retrains the tokenizer nor
-re-tokenizes.
+``packed/<key>/{<split>.bin, meta.json}`` (raw uint16 / uint32 token ids, their dtype and docs / tokens / bytes,
+keyed by the inputs, the tokenizer's fingerprint and the context length). The inputs' fingerprint
+(`cache_key_inputs`) covers the source files (path, size, mtime) or the Hub dataset's name and revision, the
+text format, its separators (the EOT marker, the plain format's chunk size), the validation hold-out and the
+train-document cap; the tokenizer's fingerprint covers its vocabulary and merges.
+
+A cache is built in ``packed/<key>.tmp-<pid>`` and renamed into place with meta.json written last: a build
+stopped by Ctrl+C removes its folder, one killed outright leaves a ``.tmp-`` folder that no run reads and the
+next build removes (its process is gone). Nothing else is left beside the token files.
 """
 
 from __future__ import annotations
@@ -19,27 +23,27 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import datasets
 import numpy as np
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.data import tokenizer as tokenizer_lib
-from tiny_decoder.data.text_formats import EOT_TOKEN, effective_num_proc
+from tiny_decoder.data.text_formats import EOT_TOKEN, PLAIN_CHUNK_CHARS, Documents
+from tiny_decoder.data.token_stream import TokenFileWriter, available_cores, encode_batches, token_dtype
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: streamed, raw uint16 / uint32 .bin files
 CACHE_ENV_VAR = "TINY_DECODER_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/tiny_decoder"
 META_FILE = "meta.json"
+TMP_MARK = ".tmp-"
 KEY_CHARS = 16
-MAP_BATCH_SIZE = 1000
+ENCODE_BATCH_DOCS = 1000
+BYTES_PER_TOKEN_GUESS = 2  # the token file's first allocation: bytes of text / this (grown when short)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -59,10 +63,13 @@ def _file_signature(path: Path) -> list:
     return [str(path), stat.st_size, stat.st_mtime_ns]
 
 
-def source_fingerprint(files: dict[str, list[Path]] | None, hub_dataset: str | None) -> dict:
-    """What identifies the source text: each split's files (path, size, mtime), or the Hub dataset's name."""
+def source_fingerprint(
+    files: dict[str, list[Path]] | None, hub_dataset: str | None, hub_revision: str | None = None
+) -> dict:
+    """What identifies the source text: each split's files (path, size, mtime), or the Hub dataset's name and
+    revision."""
     if files is None:
-        return {"hub": hub_dataset}
+        return {"hub": hub_dataset, "revision": hub_revision}
     return {split: [_file_signature(p) for p in paths] for split, paths in files.items()}
 
 
@@ -76,6 +83,7 @@ def cache_key_inputs(source: dict, text_format: str, holdout: float | None, max_
         "holdout": holdout,
         "max_train_docs": max_train_docs,
         "eot": EOT_TOKEN,
+        "plain_chunk_chars": PLAIN_CHUNK_CHARS,
     }
 
 
@@ -86,57 +94,12 @@ def tokenizer_cache_path(cache_root: Path, key_inputs: dict, vocab_size: int) ->
 
 
 def packed_cache_path(cache_root: Path, key_inputs: dict, tokenizer_fingerprint: str, context_length: int) -> Path:
-    """The folder of the token streams of these inputs, tokenizer and context length."""
+    """The folder of the token files of these inputs, tokenizer and context length."""
     key = _digest({**key_inputs, "tokenizer": tokenizer_fingerprint, "context_length": context_length})
     return cache_root / "packed" / key
 
 
 # ----------------------------------------------------------------------------- tokenizing
-
-
-def iter_text_batches(ds: datasets.Dataset) -> Iterator[list[str]]:
-    """The "text" column in batches (what the tokenizer trains on)."""
-    for batch in ds.iter(batch_size=MAP_BATCH_SIZE):
-        yield batch["text"]
-
-
-def _encode_batch(batch: dict, tokenizer, suffix: list[int]) -> dict:
-    encodings = tokenizer.encode_batch(batch["text"])
-    return {
-        "ids": [enc.ids + suffix for enc in encodings],
-        "n_bytes": [len(text.encode("utf-8")) for text in batch["text"]],
-    }
-
-
-def _stream_and_bytes(encoded: datasets.Dataset, dtype: np.dtype) -> tuple[np.ndarray, int]:
-    """Concatenate the per-document ids into one token stream; also sum the documents' bytes."""
-    parts, n_bytes = [], 0
-    for table in encoded.with_format("arrow").iter(batch_size=MAP_BATCH_SIZE * 10):
-        parts.append(pc.list_flatten(table.column("ids")).to_numpy().astype(dtype))
-        n_bytes += pc.sum(table.column("n_bytes")).as_py() or 0
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    return stream, n_bytes
-
-
-def _token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
-
-
-def encode_documents(docs: datasets.Dataset, tokenizer, append_eot: bool, num_proc: int) -> tuple[np.ndarray, int]:
-    """One split's documents -> (token stream, UTF-8 bytes of the documents)."""
-    if num_proc > 1:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    suffix = [tokenizer_lib.eot_id(tokenizer, EOT_TOKEN)] if append_eot else []
-    encoded = docs.map(
-        _encode_batch,
-        batched=True,
-        batch_size=MAP_BATCH_SIZE,
-        fn_kwargs={"tokenizer": tokenizer, "suffix": suffix},
-        remove_columns=docs.column_names,
-        num_proc=effective_num_proc(num_proc, len(docs)),
-        desc="tokenizing",
-    )
-    return _stream_and_bytes(encoded, _token_dtype(tokenizer.get_vocab_size()))
 
 
 def _check_enough_tokens(split: str, n_tokens: int, context_length: int) -> None:
@@ -146,6 +109,20 @@ def _check_enough_tokens(split: str, n_tokens: int, context_length: int) -> None
             f"split {split!r} has only {n_tokens} tokens, but one block needs data.context_length + 1 = "
             f"{needed}: use more text or a smaller data.context_length"
         )
+
+
+def write_split(
+    path: Path, docs: Documents, tokenizer, *, append_eot: bool, workers: int, expected_bytes: int = 0
+) -> dict[str, int]:
+    """Tokenize one split's documents straight into the token file ``path``; its docs / tokens / bytes."""
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    suffix = [tokenizer_lib.eot_id(tokenizer, EOT_TOKEN)] if append_eot else []
+    writer = TokenFileWriter(path, dtype, capacity=expected_bytes // BYTES_PER_TOKEN_GUESS)
+    n_docs = n_bytes = 0
+    for batch in encode_batches(tokenizer, docs.batches(ENCODE_BATCH_DOCS), suffix, dtype, workers):
+        writer.write(batch.ids)
+        n_docs, n_bytes = n_docs + batch.docs, n_bytes + batch.n_bytes
+    return {"docs": n_docs, "tokens": writer.close(), "bytes": n_bytes}
 
 
 # ----------------------------------------------------------------------------- packing
@@ -175,34 +152,79 @@ class PackedBlocks(TorchDataset):
 # ----------------------------------------------------------------------------- the cache on disk
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_abandoned_builds(cache_path: Path) -> list[Path]:
+    """Delete the ``<key>.tmp-<pid>`` folders beside ``cache_path`` whose process is gone (killed builds)."""
+    removed = []
+    for tmp in cache_path.parent.glob(f"*{TMP_MARK}*"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        log.info("token cache: removed %d abandoned build(s): %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
 def build_cache(
     cache_path: Path,
-    docs: dict[str, datasets.Dataset],
+    docs: dict[str, Documents],
     tokenizer,
     tokenizer_fingerprint: str,
     *,
     context_length: int,
     append_eot: bool,
-    num_proc: int,
+    num_proc: int | None,
+    expected_bytes: dict[str, int] | None = None,
 ) -> None:
-    """Tokenize every split of ``docs`` and write the streams and meta.json to ``cache_path`` (atomically: a
-    temp folder renamed into place; when another process finished the same cache first, its copy stays)."""
-    tmp = cache_path.with_name(f"{cache_path.name}.tmp-{os.getpid()}")
+    """Tokenize every split of ``docs`` into ``cache_path`` (see the module docstring for how a stopped build is
+    never taken for a finished one; when another process finished the same cache first, its copy stays).
+    ``num_proc``: tokenizing threads, None for the cores; ``expected_bytes``: a split's text size, if known."""
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_builds(cache_path)
+    tmp = cache_path.with_name(f"{cache_path.name}{TMP_MARK}{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    n_docs = sum(len(split_docs) for split_docs in docs.values())
-    log.info("tokenizing %s documents (%s) -> %s", f"{n_docs:,}", ", ".join(docs), cache_path)
+    tmp.mkdir()
+    workers = num_proc or available_cores()
+    log.info("tokenizing %s on %d threads -> %s", ", ".join(docs), workers, cache_path)
     started = time.perf_counter()
-    splits = {}
-    for split, split_docs in docs.items():
-        stream, n_bytes = encode_documents(split_docs, tokenizer, append_eot, num_proc)
-        _check_enough_tokens(split, len(stream), context_length)
-        np.save(tmp / f"{split}.npy", stream)
-        splits[split] = {"docs": len(split_docs), "tokens": int(len(stream)), "bytes": int(n_bytes)}
-    meta = {"tokenizer_fingerprint": tokenizer_fingerprint, "context_length": context_length, "splits": splits}
+    try:
+        splits = {}
+        for split, split_docs in docs.items():
+            stats = write_split(
+                tmp / f"{split}.bin",
+                split_docs,
+                tokenizer,
+                append_eot=append_eot,
+                workers=workers,
+                expected_bytes=(expected_bytes or {}).get(split, 0),
+            )
+            _check_enough_tokens(split, stats["tokens"], context_length)
+            splits[split] = stats
+        meta = {
+            "version": CACHE_VERSION,
+            "tokenizer_fingerprint": tokenizer_fingerprint,
+            "context_length": context_length,
+            "dtype": token_dtype(tokenizer.get_vocab_size()).name,
+            "splits": splits,
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    except BaseException:  # Ctrl+C included: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    elapsed = time.perf_counter() - started
     counts = ", ".join(f"{split} {stats['tokens']:,} tokens" for split, stats in splits.items())
-    log.info("token cache built: %s in %.1f s", counts, time.perf_counter() - started)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+    total_mb = sum(stats["bytes"] for stats in splits.values()) / 1e6
+    log.info("token cache built: %s in %.1f s (%.2f MB/s of text)", counts, elapsed, total_mb / max(elapsed, 1e-9))
     try:
         os.replace(tmp, cache_path)
     except OSError:  # another process finished the same cache first
@@ -213,11 +235,15 @@ def is_cached(cache_path: Path) -> bool:
     return (cache_path / META_FILE).exists()
 
 
+def load_meta(cache_path: Path) -> dict:
+    return json.loads((cache_path / META_FILE).read_text())
+
+
 def load_split_stats(cache_path: Path) -> dict[str, dict]:
     """``{split: {"docs", "tokens", "bytes"}}`` of a built cache."""
-    return json.loads((cache_path / META_FILE).read_text())["splits"]
+    return load_meta(cache_path)["splits"]
 
 
 def load_tokens(cache_path: Path, split: str) -> np.ndarray:
-    """One split's token stream, memory-mapped."""
-    return np.load(cache_path / f"{split}.npy", mmap_mode="r")
+    """One split's token ids, memory-mapped read-only."""
+    return np.memmap(cache_path / f"{split}.bin", dtype=np.dtype(load_meta(cache_path)["dtype"]), mode="r")
