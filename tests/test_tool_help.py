@@ -1,6 +1,6 @@
-"""``python -m tiny_decoder.<tool> --help`` for generate, evaluate, estimate and summary: each names its own tool,
-lists its own options with the defaults its config really has (not the training config groups, where the tool
-takes none), and the usage examples it prints run."""
+"""``python -m tiny_decoder.<tool> --help`` for generate, evaluate, estimate, summary, export and convert: each
+names its own tool, lists its own options with the defaults its config really has (not the training config groups,
+where the tool takes none), and the usage examples it prints run."""
 
 from __future__ import annotations
 
@@ -18,16 +18,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from tests.helpers import CONF_DIR, REPO_ROOT, run_module, run_tool
 
-TOOLS = ("generate", "evaluate", "estimate", "summary")
+TOOLS = ("generate", "evaluate", "estimate", "summary", "export", "convert")
 # the options each help must list (key=...); generate and evaluate: every key of their config, checked below
 OWN_OPTIONS = {
     "generate": {"ckpt", "sequence", "steps", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
                  "num_samples", "seed", "device", "compile"},
     "evaluate": {"ckpt", "output", "batch_size", "seed", "device", "n", "data.files.train", "data.files.validation",
                  "data.files.test", "data.hub_dataset", "data.text_format", "data.cache_dir", "data.tokenizer_path",
-                 "max_blocks", "lambada", "lambada_limit"},
+                 "max_blocks", "lambada", "lambada_limit", "harness_tasks", "harness_limit"},
     "estimate": {"+experiment", "budget_gb", "precision", "data.batch_size"},
     "summary": {"+experiment", "input", "attention_png", "ckpt", "seed"},
+    "export": {"ckpt", "format", "out", "version"},
+    "convert": {"src", "out", "tokenizer"},
 }  # fmt: skip
 # the options whose "(default X)" is checked against the composed config (the others say "the recipe's")
 CHECKED_DEFAULTS = {
@@ -35,6 +37,8 @@ CHECKED_DEFAULTS = {
     "evaluate": OWN_OPTIONS["evaluate"],
     "estimate": {"budget_gb", "precision"},
     "summary": {"input", "attention_png", "ckpt", "seed"},
+    "export": OWN_OPTIONS["export"],
+    "convert": OWN_OPTIONS["convert"],
 }
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 # the placeholders of the examples -> the small checkpoints of tests/fixtures (a sequence task, a language model)
@@ -132,14 +136,43 @@ def test_estimate_and_summary_list_their_options_before_the_recipes(helps):
         assert "experiment: " in out and "stories15m" in out
 
 
-def substitute(arg: str) -> str:
-    for placeholder, checkpoint in CHECKPOINTS.items():
+def substitute(arg: str, checkpoints: dict[str, Path] = CHECKPOINTS) -> str:
+    for placeholder, checkpoint in checkpoints.items():
         arg = arg.replace(placeholder, str(checkpoint))
     return arg
 
 
+@pytest.fixture(scope="module")
+def llama_checkpoint(tmp_path_factory) -> Path:
+    """A small Llama-style language model (export's examples write it to both formats; GPT-2's v1_lm cannot go
+    to llama2c)."""
+    pytest.importorskip("transformers")
+    from tests.interop.models import LLAMA, bpe_tokenizer, checkpoint
+
+    return checkpoint(tmp_path_factory.mktemp("llama"), bpe_tokenizer(), "llama", **LLAMA)
+
+
+def example_arguments(helps, tool: str, monkeypatch, llama_checkpoint: Path) -> list[list[str]]:
+    """The help's examples as argv lists with the placeholders filled in. export: the language-model checkpoint
+    is a Llama-style one; convert: its sources are what export's examples write (run first, here), its llama2.c
+    model and tokenizer the exported ``model.bin`` and ``tokenizer.json``."""
+    if tool not in ("export", "convert"):
+        return [[substitute(arg) for arg in args] for args in examples(helps[tool].stdout)]
+    checkpoints = {"outputs/lm/DATE/TIME/checkpoints/last.ckpt": llama_checkpoint}
+    exports = [[substitute(arg, checkpoints) for arg in args] for args in examples(helps["export"].stdout)]
+    if tool == "export":
+        return exports
+    for args in exports:
+        assert run_tool(monkeypatch, "export", *args) == 0, args
+    sources = {
+        "stories15M.bin": Path("exported/llama2c/model.bin"),
+        "tokenizer.model": Path("exported/llama2c/tokenizer.json"),
+    }
+    return [[substitute(arg, sources) for arg in args] for args in examples(helps[tool].stdout)]
+
+
 @pytest.mark.parametrize("tool", TOOLS)
-def test_the_usage_examples_of_the_help_run(helps, tool: str, tmp_path: Path, monkeypatch, capsys):
+def test_the_usage_examples_of_the_help_run(helps, tool: str, tmp_path: Path, monkeypatch, capsys, request):
     """Every example the help prints runs (checkpoint placeholders -> the fixtures' small checkpoints; the
     files an example names are written into the working directory first)."""
     commands = examples(helps[tool].stdout)
@@ -149,8 +182,8 @@ def test_the_usage_examples_of_the_help_run(helps, tool: str, tmp_path: Path, mo
     (tmp_path / "valid.txt").write_text("Once upon a time there was a little cat. The cat liked to play.\n" * 20)
     passages = ["The cat sat on the mat and looked at the dog", "The sun was warm and the day was long"]
     (tmp_path / "lambada_test.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in passages))
-    for args in commands:
-        args = [substitute(arg) for arg in args]
+    llama = request.getfixturevalue("llama_checkpoint") if tool in ("export", "convert") else Path()
+    for args in example_arguments(helps, tool, monkeypatch, llama):
         assert run_tool(monkeypatch, tool, *args) == 0, (args, capsys.readouterr())
         out = capsys.readouterr().out
         assert out.strip(), args

@@ -5,6 +5,8 @@ the tokenizer stored in the checkpoint), and LAMBADA last-word accuracy / loss w
 Sequence predictor: accuracy, acc_last, mean absolute distance and per-phase accuracy on ``n`` fresh
 sequences drawn from ``seed``. Each task implements ``evaluate_outputs(EvaluationRequest) -> dict[str, float]``;
 this module loads the checkpoint, types the options, prints the table and writes ``output=PATH`` as JSON.
+``harness_tasks=[NAME,...]`` adds lm-evaluation-harness tasks on a language model (``tiny_decoder.harness``; the
+``eval`` extra), e.g. ``lambada_shared``: lm_eval's LAMBADA over the ``lambada=`` file.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -57,11 +60,23 @@ def evaluation_request(cfg: DictConfig) -> EvaluationRequest:
     return typed_request(cfg, EvaluationRequest, text_data=factory, tokenizer_path=tokenizer_path)
 
 
+def task_results(task: Any, request: EvaluationRequest) -> dict[str, float]:
+    """The task's own metrics, then those of ``request.harness_tasks`` (with harness tasks, the language model's
+    own only when text data or LAMBADA is asked for too)."""
+    if not request.harness_tasks:
+        return task.evaluate_outputs(request)
+    from tiny_decoder import harness  # lm_eval: the optional eval extra
+
+    lm = harness.task_lm(task, request.batch_size)  # a missing lm_eval or a sequence task fails before any work
+    own = task.evaluate_outputs(request) if request.text_data is not None or request.lambada else {}
+    return {**own, **harness.harness_results(lm, request.harness_tasks, request.harness_limit, request.lambada)}
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Load ``cfg.ckpt``, run its task's ``evaluate_outputs``, print the table; write JSON when ``cfg.output``."""
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.ckpt, map_location=cfg.device)
-    results = task.evaluate_outputs(evaluation_request(cfg))
+    results = task_results(task, evaluation_request(cfg))
     print(format_table(results))
     if cfg.get("output"):
         payload = {"checkpoint": str(cfg.ckpt), "task": task.task_name, "metrics": results}

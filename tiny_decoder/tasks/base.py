@@ -19,7 +19,7 @@ fused optimizers (``configure_gradient_clipping``), which Lightning's mixed-prec
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -64,6 +64,8 @@ class EvaluationRequest:
     max_blocks: int | None = None
     lambada: str | None = None  # language model: LAMBADA jsonl
     lambada_limit: int | None = None
+    harness_tasks: list[str] = field(default_factory=list)  # language model: lm-evaluation-harness task names
+    harness_limit: int | None = None
 
 
 def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
