@@ -73,7 +73,13 @@ def test_nothing_to_evaluate_or_a_wrong_checkpoint_is_one_clear_error(compose_co
     _, last = trained
     with pytest.raises(ConfigError, match=r"trainer.max_steps=0 evaluates trained weights .* init_from=PATH.ckpt"):
         fit_and_test(configure(compose_config, tmp_path / "none", "trainer.max_steps=0"))
-    with pytest.raises(CheckpointError, match=r"init_from=.*ckpt: its weights do not fit this model"):
+    differs = r"init_from=.*ckpt: the checkpoint's model differs from this run's: "
+    with pytest.raises(CheckpointError, match=differs + r"model.d_model: 16 in the checkpoint, 32 here"):
         fit_and_test(configure(compose_config, tmp_path / "wide", "model.d_model=32", f"init_from={last}"))
+    # the same shapes, another function: named too
+    with pytest.raises(CheckpointError, match=differs + r"model.norm.eps: 1e-05 in the checkpoint, 0.001 here"):
+        fit_and_test(configure(compose_config, tmp_path / "eps", "norm.eps=1e-3", f"init_from={last}"))
+    tuned = fit_and_test(configure(compose_config, tmp_path / "dropout", "model.dropout=0.2", f"init_from={last}"))
+    assert tuned.task.model.config.dropout == 0.2  # regularisation may differ
     with pytest.raises(CheckpointError, match=r"init_from=.*missing.ckpt: no such checkpoint file"):
         fit_and_test(configure(compose_config, tmp_path / "gone", f"init_from={tmp_path / 'missing.ckpt'}"))

@@ -74,6 +74,11 @@ def model_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> 
     ]
 
 
+def shown(differences: list[str], most: int = 4) -> str:
+    """The first ``most`` of :func:`model_differences`, joined for one error line."""
+    return "; ".join(differences[:most]) + ("; ..." if len(differences) > most else "")
+
+
 def _flatten(values: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
@@ -98,12 +103,35 @@ def check_checkpoint(
     stored = stored_model_config(checkpoint).to_dict()
     differences = model_differences(stored, model_config) if model_config is not None else []
     if differences:
-        shown = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
         raise CheckpointError(
-            f"{field}={path}: the checkpoint's model differs from this config: {shown} (use the same "
+            f"{field}={path}: the checkpoint's model differs from this config: {shown(differences)} (use the same "
             "model options, or start a fresh run)"
         )
     return checkpoint
+
+
+# model options that change neither the weights nor the function they compute, so a run may start from trained
+# weights with other values: regularisation, the init (overwritten) and the depth policy (layerdrop / early exit)
+FREE_FOR_INIT = ("model.dropout", "model.attention_dropout", "model.init_std", "model.depth")
+
+
+def check_same_model(checkpoint: Mapping[str, Any], task: Any, path: str | Path, field: str) -> None:
+    """A CheckpointError naming the first model options (other than :data:`FREE_FOR_INIT`) where this run's model
+    differs from the one the checkpoint holds: the same shapes can hold another function (gelu vs relu, other
+    positions, norms, eps)."""
+    config = getattr(task, "model_config", None)
+    if config is None:
+        return
+    differences = [
+        difference
+        for difference in model_differences(stored_model_config(checkpoint).to_dict(), config.to_dict())
+        if not difference.startswith(FREE_FOR_INIT)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{field}={path}: the checkpoint's model differs from this run's: {shown(differences)} (set these model "
+            "options as the checkpoint has them; only dropout, init_std and depth may differ)"
+        )
 
 
 def load_weights(task: Any, path: str | Path, field: str = "init_from") -> dict[str, Any]:
@@ -117,6 +145,7 @@ def load_weights(task: Any, path: str | Path, field: str = "init_from") -> dict[
         raise CheckpointError(
             f"{field}={path}: a checkpoint of task {task_name(checkpoint)!r}, this run trains {name!r}"
         )
+    check_same_model(checkpoint, task, path, field)
     state = checkpoint["state_dict"]
     conform_to_state_dict(task, state)
     try:
