@@ -1,32 +1,63 @@
-"""Generation throughput: recomputation vs the KV cache, eager and compiled.
+"""Decoding throughput of every mode of ``generate``, side by side with llama2.c's ``run.c`` and Hugging Face.
 
-    python benchmarks/generation.py [--experiment stories15m] [--new 64 256 512] [--batch 1] [--repeats 3]
+    python benchmarks/generation.py [--experiment stories15m] [--new 256] [--threads 1 2] [--repeats 3]
+        [--llama2c DIR | env LLAMA2C_DIR] [--modes fast bf16 int8 cached compiled recompute] [--hf]
 
 Builds the recipe's model (``+experiment=NAME``: the stories15M shape is d 288, 6 layers, 6 heads, SwiGLU 768,
 RoPE, context 256, vocabulary 4096) with random weights (the work per token does not depend on them) and
-decodes greedily from a 1-token prompt in three ways (``tiny_decoder.model.generation.generate``):
+decodes greedily at batch ``--batch`` from a 1-token prompt, ``--new`` tokens, one row per mode and thread
+count (``tiny_decoder.model.generation.generate``):
 
-- ``recompute``: no cache, the whole (cropped) sequence every step (``use_cache=False``);
-- ``cached``: the eager KV cache (the default);
-- ``compiled``: the static KV cache and the compiled one-token step (``compile=True``); its compilation is
-  timed apart (``compile_s``) and not counted in tokens/s.
+- ``fast``: the default (the fast eager step, the model's fp32 numerics); ``bf16`` / ``int8``: the same step
+  with ``weights=bf16`` / ``weights=int8`` (opt-in, numerics change);
+- ``cached``: the eager KV cache through the model's modules (``fast=False``);
+- ``compiled``: the static KV cache and the compiled one-token step (``compile=True``), its compilation timed
+  apart (``warmup_s``, the first call; a second process finds inductor's on-disk caches);
+- ``recompute``: no cache (``use_cache=False``).
 
-One JSON line per length (median tokens/s of ``--repeats`` runs, speedups over ``recompute``), then a table.
-Past the context (512 new tokens with a 256-token context) every mode recomputes the cropped window.
+``warmup_s`` of every mode is its first call (2 tokens), what a user waits for before the first token.
+
+llama2.c: with ``--llama2c DIR`` (or ``LLAMA2C_DIR``), a checkout of karpathy/llama2.c, the script compiles
+``DIR/run.c`` into a temporary folder (``gcc -Ofast`` for one thread; its Makefile's ``runomp`` flags,
+``-Ofast -fopenmp -march=native``, with ``OMP_NUM_THREADS`` = the thread count otherwise), writes the same
+model with the project's llama2.c exporter (``model.bin`` v0) and a byte-fallback ``tokenizer.bin``, and runs
+``run model.bin -t 0 -n <context> -i a`` greedily. Nothing of llama2.c is kept. Like with like: ``run.c``
+reports tokens/s over its forwards after the first one, the project's figure is ``--new`` tokens over the whole
+``generate`` call (the prompt's forward and setup included), so the ratios are conservative for the project.
+The runs of all modes and of ``run.c`` are interleaved, ``--repeats`` rounds, medians reported.
+
+``--hf``: batched throughput at ``--hf-batch`` (32) with sampling (temperature 1), ``--new`` tokens, against
+Hugging Face ``generate()`` of the same model exported by ``tiny_decoder.interop.hf.to_hf`` (the threads of the
+last ``--threads``). One JSON line per measurement, then tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import torch
-from benchkit import SMOKE_OVERRIDES, device, emit, machine, median, recipe_model_config, table, timed
+from benchkit import SMOKE_OVERRIDES, device, emit, machine, recipe_model_config, table, timed
 
 from tiny_decoder.model import DecoderTransformer
 from tiny_decoder.model.generation import generate
 
-MODES = {"recompute": {"use_cache": False}, "cached": {}, "compiled": {"compile": True}}
+MODES: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "bf16": {"weights": "bf16"},
+    "int8": {"weights": "int8"},
+    "cached": {"fast": False},
+    "compiled": {"compile": True},
+    "recompute": {"use_cache": False},
+}
+DEFAULT_MODES = ["fast", "bf16", "int8", "cached"]
+RUN_C_RATE = re.compile(r"achieved tok/s: ([0-9.]+)")
 
 
 def build_model(experiment: str, overrides: list[str]) -> DecoderTransformer:
@@ -34,49 +65,152 @@ def build_model(experiment: str, overrides: list[str]) -> DecoderTransformer:
     return DecoderTransformer(recipe_model_config(experiment, overrides)).to(device()).eval()
 
 
-def tokens_per_second(model: DecoderTransformer, prompt: torch.Tensor, new_tokens: int, mode: str, repeats: int):
-    times = timed(lambda: generate(model, prompt, new_tokens, **MODES[mode]), repeats)
-    return prompt.shape[0] * new_tokens / median(times)
+# ------------------------------------------------------------------ llama2.c
+
+
+def run_c_tokenizer(vocab_size: int) -> tuple[list[bytes], list[float]]:
+    """Pieces ``run.c`` can encode any prompt with: its specials, the 256 byte-fallback pieces, a space."""
+    pieces = [b"<unk>", b"<s>", b"</s>", *(f"<0x{b:02X}>".encode() for b in range(256)), b" "]
+    pieces += [f"t{i}".encode() for i in range(vocab_size - len(pieces))]
+    return pieces[:vocab_size], [0.0] * vocab_size
+
+
+class RunC:
+    """``run.c`` built from a llama2.c checkout, with the benchmark's model in its format (a temp folder)."""
+
+    def __init__(self, source: Path, model: DecoderTransformer):
+        from tiny_decoder.interop import llama2c
+        from tiny_decoder.interop.llama import llama_weights
+
+        self.folder = Path(tempfile.mkdtemp(prefix="tiny_decoder_run_c_"))
+        self.binaries = {
+            1: self._compile(source, "run", ["-Ofast"]),
+            2: self._compile(source, "runomp", ["-Ofast", "-fopenmp", "-march=native"]),
+        }
+        shape, weights = llama_weights(model, "llama2c")
+        llama2c.write_model_bin(self.folder / "model.bin", shape, weights, 0)
+        pieces, scores = run_c_tokenizer(shape.vocab_size)
+        llama2c.write_tokenizer_bin(self.folder / "tokenizer.bin", pieces, scores)
+        self.steps = shape.seq_len
+
+    def _compile(self, source: Path, name: str, flags: list[str]) -> Path:
+        out = self.folder / name
+        subprocess.run(["gcc", *flags, "-o", str(out), str(source / "run.c"), "-lm"], check=True)
+        return out
+
+    def tokens_per_second(self, threads: int) -> float:
+        binary = self.binaries[1 if threads == 1 else 2]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        command = [str(binary), "model.bin", "-z", "tokenizer.bin", "-t", "0", "-n", str(self.steps), "-i", "a"]
+        result = subprocess.run(command, cwd=self.folder, env=env, capture_output=True, text=True, check=True)
+        match = RUN_C_RATE.search(result.stderr)
+        if match is None:
+            raise SystemExit(f"run.c printed no 'achieved tok/s' line: {result.stderr[-300:]}")
+        return float(match.group(1))
+
+
+def llama2c_source(argument: str | None) -> Path | None:
+    """The llama2.c checkout of ``--llama2c`` or ``LLAMA2C_DIR`` (None: no run.c column)."""
+    value = argument or os.environ.get("LLAMA2C_DIR")
+    if not value:
+        return None
+    source = Path(value)
+    if not (source / "run.c").is_file():
+        raise SystemExit(f"error: --llama2c / LLAMA2C_DIR={value} has no run.c: point it at a llama2.c checkout")
+    return source
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def decode_seconds(model: DecoderTransformer, prompt: torch.Tensor, new: int, options: dict[str, Any]) -> float:
+    return timed(lambda: generate(model, prompt, new, **options), 1)[0]
+
+
+def warm_up(model: DecoderTransformer, prompt: torch.Tensor, modes: list[str]) -> dict[str, float]:
+    """Seconds of each mode's first call (2 tokens): compilation, weight preparation."""
+    return {mode: round(decode_seconds(model, prompt, 2, MODES[mode]), 2) for mode in modes}
+
+
+def interleaved(model: DecoderTransformer, args: argparse.Namespace, threads: int, run_c: RunC | None) -> dict:
+    """Median tokens/s of every mode (and run.c) over ``--repeats`` interleaved rounds at ``threads``."""
+    torch.set_num_threads(threads)
+    prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=device())
+    rates: dict[str, list[float]] = {}
+    for _ in range(args.repeats):
+        for mode in args.modes:
+            seconds = decode_seconds(model, prompt, args.new, MODES[mode])
+            rates.setdefault(mode, []).append(args.batch * args.new / seconds)
+        if run_c is not None and args.batch == 1:
+            rates.setdefault("run_c", []).append(run_c.tokens_per_second(threads))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[str, Any]:
+    """Batched sampling: the fast step vs Hugging Face ``generate()`` of the exported model."""
+    from tiny_decoder.interop.hf import to_hf
+
+    hf_model = to_hf(model).to(device()).eval()
+    prompt = torch.ones(args.hf_batch, 1, dtype=torch.long, device=device())
+    tokens = args.hf_batch * args.new
+
+    def ours() -> None:
+        generate(model, prompt, args.new, temperature=1.0)
+
+    def theirs() -> None:
+        hf_model.generate(prompt, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.new,
+                          min_new_tokens=args.new, attention_mask=torch.ones_like(prompt))  # fmt: skip
+
+    ours_s, theirs_s = [], []
+    with torch.no_grad():
+        ours(), theirs()  # warm-up
+        for _ in range(args.repeats):
+            ours_s += timed(ours, 1)
+            theirs_s += timed(theirs, 1)
+    fast, hf = tokens / statistics.median(ours_s), tokens / statistics.median(theirs_s)
+    return {"benchmark": "generation_batched", "batch": args.hf_batch, "new_tokens": args.new,
+            "threads": torch.get_num_threads(), "fast_tokens_per_s": round(fast, 1),
+            "hf_tokens_per_s": round(hf, 1), "fast_over_hf": round(fast / hf, 2)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="stories15m")
-    parser.add_argument("--new", type=int, nargs="+", default=[64, 256, 512])
+    parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES, choices=list(MODES))
+    parser.add_argument("--llama2c", help="a llama2.c checkout (default: env LLAMA2C_DIR; unset: no run.c column)")
+    parser.add_argument("--hf", action="store_true", help="also batched sampling against Hugging Face generate()")
+    parser.add_argument("--hf-batch", type=int, default=32)
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, measures nothing")
     args = parser.parse_args(argv)
     emit({"benchmark": "machine", **machine()})
     model = build_model(args.experiment, list(SMOKE_OVERRIDES) if args.smoke else [])
-    prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=device())
-    start = time.perf_counter()
-    generate(model, prompt, 2, compile=True)  # compiles the one-token step (and the eager paths warm up below)
-    compile_s = time.perf_counter() - start
-    for mode in ("recompute", "cached"):
-        generate(model, prompt, 8, **MODES[mode])
+    source = llama2c_source(args.llama2c)
+    run_c = RunC(source, model) if source is not None and not args.smoke else None
+    torch.set_num_threads(args.threads[0])
+    warmup = warm_up(model, torch.zeros(args.batch, 1, dtype=torch.long, device=device()), args.modes)
     rows = []
-    for new_tokens in args.new:
-        rates = {mode: tokens_per_second(model, prompt, new_tokens, mode, args.repeats) for mode in MODES}
-        rows.append(emit({
-            "benchmark": "generation", "experiment": args.experiment, "batch": args.batch, "new_tokens": new_tokens,
-            "context": model.config.context_length, "parameters": model.num_parameters(),
-            **{f"{mode}_tokens_per_s": round(rate, 1) for mode, rate in rates.items()},
-            "cache_speedup": round(rates["cached"] / rates["recompute"], 2),
-            "compiled_speedup": round(rates["compiled"] / rates["recompute"], 2),
-            "compile_over_eager_cache": round(rates["compiled"] / rates["cached"], 2),
-            "compile_s": round(compile_s, 1),
-        }))  # fmt: skip
+    for threads in args.threads:
+        rates = interleaved(model, args, threads, run_c)
+        row: dict[str, Any] = {"benchmark": "generation", "experiment": args.experiment, "batch": args.batch,
+                               "new_tokens": args.new, "threads": threads,
+                               "parameters": model.num_parameters()}  # fmt: skip
+        row.update({f"{name}_tokens_per_s": round(rate, 1) for name, rate in rates.items()})
+        if "run_c" in rates:
+            row.update({f"{mode}_over_run_c": round(rates[mode] / rates["run_c"], 2) for mode in args.modes})
+        row.update({f"{mode}_warmup_s": seconds for mode, seconds in warmup.items()})
+        rows.append(emit(row))
+    if args.hf:
+        torch.set_num_threads(args.threads[-1])
+        rows.append(emit(hf_comparison(model, args)))
     print()
-    print(table(rows, COLUMNS))
+    columns = [("threads", "threads")] + [(f"{m}_tokens_per_s", f"{m} tok/s") for m in [*args.modes, "run_c"]]
+    columns += [(f"{m}_over_run_c", f"{m}/run.c") for m in args.modes]
+    print(table([r for r in rows if r["benchmark"] == "generation"], columns))
     return rows
-
-
-COLUMNS = [
-    ("new_tokens", "new tokens"), ("recompute_tokens_per_s", "recompute tok/s"),
-    ("cached_tokens_per_s", "cached tok/s"), ("compiled_tokens_per_s", "compiled tok/s"),
-    ("cache_speedup", "cached/recompute"), ("compiled_speedup", "compiled/recompute"),
-]  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 SETTINGS = [("32-true", False, "fp32"), ("32-true", True, "fp32 + compile"), ("bf16-mixed", False, "bf16"),
             ("bf16-mixed", True, "bf16 + compile")]  # fmt: skip
-MODES = [("recompute_tokens_per_s", "recompute"), ("cached_tokens_per_s", "eager KV cache"),
-         ("compiled_tokens_per_s", "compiled KV cache")]  # fmt: skip
+MODES = [("fast_tokens_per_s", "fast (default)"), ("bf16_tokens_per_s", "bf16"), ("int8_tokens_per_s", "int8"),
+         ("cached_tokens_per_s", "module path"), ("run_c_tokens_per_s", "llama2.c run.c")]  # fmt: skip
 
 
 def grouped_bars(groups: list[str], series: list[tuple[str, list[float]]], ylabel: str, title: str, path: Path):
@@ -46,9 +46,9 @@ def plot_training(rows: list[dict], path: Path, machine: str) -> Path:
 
 
 def plot_generation(rows: list[dict], path: Path, machine: str) -> Path:
-    groups = [f"{r['new_tokens']} new tokens" for r in rows]
-    series = [(label, [r[key] for r in rows]) for key, label in MODES]
-    title = f"stories15M shape, context {rows[0]['context']} ({machine})"
+    groups = [f"{r['threads']} thread{'s' if r['threads'] > 1 else ''}" for r in rows]
+    series = [(label, [r.get(key, 0) for r in rows]) for key, label in MODES if any(key in r for r in rows)]
+    title = f"stories15M shape, {rows[0]['new_tokens']} new tokens ({machine})"
     return grouped_bars(groups, series, "tokens/s, batch 1, greedy", title, path)
 
 

@@ -11,7 +11,9 @@ the next):
    loop, three times each, side by side; data loading share; FLOPs and MFU;
 2. ``training.py`` at the stories15M shape over attention x precision x compile;
 3. ``training.py`` at the stories260K shape without attention dropout (``model.attention_dropout=0``);
-4. ``generation.py``: recompute vs eager KV cache vs compiled KV cache at 64 / 256 / 512 new tokens, batch 1.
+4. ``generation.py --hf``: every decoding mode (the fast default, bf16, int8, the module path) at batch 1, 256 new
+   tokens, 1 and 2 threads, side by side with llama2.c's ``run.c`` when ``LLAMA2C_DIR`` points at a llama2.c
+   checkout (the one-thread build at 1 thread, the OpenMP build at 2), and batched sampling against Hugging Face.
 
 Then prints the platform's performance targets with the measured figure and whether it holds, and writes every
 JSON line plus the targets to ``--out``. ``--markdown`` also prints the tables as Markdown (for
@@ -39,13 +41,14 @@ OVERHEAD = ["training.py", "--experiment", "stories15m", "stories260k", "--repea
 ATTENTION_DROPOUT = ["training.py", "--experiment", "stories260k", "--override", "model.attention_dropout=0"]
 GRID = ["training.py", "--experiment", "stories15m", "--attention", "sdpa", "standard", "linformer", "longformer",
         "--precision", "32-true", "bf16-mixed", "--compile", "false", "true"]  # fmt: skip
-GENERATION = ["generation.py"]
+GENERATION = ["generation.py", "--hf"]
 SMOKE = {  # every script and code path once, on a tiny model: checks the wiring; its figures mean nothing
     "overhead": ["training.py", "--experiment", "stories15m", "stories260k", "--smoke", "--steps", "2",
                  "--warmup", "1"],
     "grid": ["training.py", "--experiment", "stories15m", "--smoke", "--steps", "2", "--warmup", "1",
              "--precision", "32-true", "bf16-mixed"],
-    "generation": ["generation.py", "--smoke", "--new", "8", "256", "--repeats", "1"],
+    "generation": ["generation.py", "--smoke", "--new", "8", "--repeats", "1", "--threads", "1", "--hf",
+                   "--hf-batch", "2"],
 }  # fmt: skip
 
 
@@ -115,6 +118,13 @@ def speedup_over_fp32_eager(results: dict[str, list[dict]]) -> float | None:
     return round(max(r["lightning_tokens_per_s"] for r in others) / base[0]["lightning_tokens_per_s"], 2)
 
 
+def best_over_run_c(results: dict[str, list[dict]], threads: int) -> float | None:
+    """The best ``<mode>_over_run_c`` of the batch-1 generation row at ``threads`` (None without run.c)."""
+    rows = rows_of(results, "generation", "generation", threads=threads)
+    ratios = [value for key, value in rows[0].items() if key.endswith("_over_run_c")] if rows else []
+    return max(ratios) if ratios else None
+
+
 TARGETS = [
     Target("Lightning / hand-written loop tokens/s, stories15M shape",
            lambda r: first(rows_of(r, "overhead", "training", experiment="stories15m", **BASE), "lightning_over_loop"),
@@ -123,12 +133,14 @@ TARGETS = [
            lambda r: first(rows_of(r, "overhead", "training", experiment="stories260k", **BASE), "lightning_over_loop"),
            0.9),
     Target("bf16-mixed and/or compile over fp32 eager, stories15M training", speedup_over_fp32_eager, 1.5),
-    Target("KV cache (eager) over recomputation, 256 new tokens",
-           lambda r: first(rows_of(r, "generation", "generation", new_tokens=256), "cache_speedup"), 5.0),
-    Target("KV cache (compiled) over recomputation, 256 new tokens",
-           lambda r: first(rows_of(r, "generation", "generation", new_tokens=256), "compiled_speedup"), 5.0),
-    Target("batch-1 tokens/s with the compiled KV cache, 256 new tokens",
-           lambda r: first(rows_of(r, "generation", "generation", new_tokens=256), "compiled_tokens_per_s"), 400.0),
+    Target("default decoding (fast, fp32) / run.c tokens/s, batch 1, 1 thread",
+           lambda r: first(rows_of(r, "generation", "generation", threads=1), "fast_over_run_c"), 1.0),
+    Target("best decoding mode / run.c tokens/s, batch 1, 1 thread", lambda r: best_over_run_c(r, 1), 1.5),
+    Target("best decoding mode / run.c OpenMP tokens/s, batch 1, 2 threads", lambda r: best_over_run_c(r, 2), 1.5),
+    Target("warm-up of the default decoding before the first token (s)",
+           lambda r: first(rows_of(r, "generation", "generation", threads=1), "fast_warmup_s"), 5.0, above=False),
+    Target("batched sampling (batch 32) / Hugging Face generate() tokens/s",
+           lambda r: first(rows_of(r, "generation", "generation_batched"), "fast_over_hf"), 3.0),
     Target("MFU, fp32, stories15M (of measured fp32 matmul FLOP/s)",
            lambda r: first(rows_of(r, "overhead", "training", experiment="stories15m", **BASE), "mfu"), 0.6),
     Target("data loading / step time, stories15M",
@@ -151,11 +163,13 @@ TRAINING_COLUMNS = [
     ("mfu_of_best_matmul", "MFU of best matmul"), ("data_share", "data/step"),
 ]  # fmt: skip
 GENERATION_COLUMNS = [
-    ("new_tokens", "new tokens"), ("recompute_tokens_per_s", "recompute tok/s"),
-    ("cached_tokens_per_s", "eager cache tok/s"), ("compiled_tokens_per_s", "compiled cache tok/s"),
-    ("cache_speedup", "eager cache / recompute"), ("compiled_speedup", "compiled / recompute"),
-    ("compile_s", "compile s"),
+    ("threads", "threads"), ("fast_tokens_per_s", "fast (default) tok/s"), ("bf16_tokens_per_s", "bf16 tok/s"),
+    ("int8_tokens_per_s", "int8 tok/s"), ("cached_tokens_per_s", "module path tok/s"),
+    ("run_c_tokens_per_s", "run.c tok/s"), ("fast_over_run_c", "fast / run.c"), ("int8_over_run_c", "int8 / run.c"),
+    ("fast_warmup_s", "fast warm-up s"),
 ]  # fmt: skip
+BATCHED_COLUMNS = [("batch", "batch"), ("threads", "threads"), ("fast_tokens_per_s", "fast tok/s"),
+                   ("hf_tokens_per_s", "HF generate() tok/s"), ("fast_over_hf", "fast / HF")]  # fmt: skip
 TARGET_COLUMNS = [("target", "target"), ("relation", ""), ("threshold", "threshold"), ("value", "measured"),
                   ("verdict", "verdict")]  # fmt: skip
 
@@ -181,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         training = [r for part in ("overhead", "grid", "attention_dropout") for r in rows_of(results, part, "training")]
         print("\n" + markdown(training, TRAINING_COLUMNS))
         print("\n" + markdown(rows_of(results, "generation", "generation"), GENERATION_COLUMNS))
+        print("\n" + markdown(rows_of(results, "generation", "generation_batched"), BATCHED_COLUMNS))
         print("\n" + markdown(targets, TARGET_COLUMNS))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

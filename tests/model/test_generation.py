@@ -196,7 +196,6 @@ def test_generate_compile_flag_continues_like_eager():
     config = dict(vocab_size=256, context_length=16, d_model=32, n_layers=2, n_heads=4, d_ff=64, init_std=0.3)
     task = SequencePredictor(model=config).eval()
     eager, compiled = (
-        task.generate_outputs(GenerationRequest(sequence="1 2 4 7 11", steps=8, compile=flag))
-        for flag in (False, True)
+        task.generate_outputs(GenerationRequest(sequence="1 2 4 7 11", steps=8, compile=flag)) for flag in (False, True)
     )
     assert compiled == eager and len(eager[0].split("->")[1].split()) == 8

@@ -4,10 +4,14 @@ The model always sees at most its last ``context_length`` tokens (nanoGPT's crop
 fits, each step feeds only the newest token through the cache; once it overflows, each step re-encodes
 the cropped window (positions restart at 0, as in training).
 
-Three ways to run a step (:func:`generate`'s ``use_cache`` / ``compile``):
+Four ways to run a step (:func:`generate`'s ``use_cache`` / ``fast`` / ``compile``):
 
 * recompute: the whole (cropped) sequence every step, no cache;
-* cached (default): a :class:`~tiny_decoder.model.cache.KVCache`, eager;
+* fast (the default): :class:`~tiny_decoder.model.fast_decoding.FastDecoder`, eager, no compilation: the
+  weights laid out for decoding and a step of a few large ops, in the format ``weights`` names (``model``: the
+  model's numerics; ``bf16`` / ``int8`` opt-in, :mod:`~tiny_decoder.model.decoding_weights`); past the context
+  it re-encodes the cropped window through the same step. Models it does not cover fall back to ``cached``;
+* cached (``fast=False``): a :class:`~tiny_decoder.model.cache.KVCache` through the model's own modules, eager;
 * compiled: a :class:`~tiny_decoder.model.cache.StaticKVCache` (fixed shapes) and a ``torch.compile``'d
   one-token step with the weights frozen into the graph (inductor freezing, max-autotune GEMMs: on a CPU the
   weights are prepacked for its matrix-vector kernels). The prompt is encoded eagerly; the first step of a
@@ -25,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from tiny_decoder.model.cache import KVCache
+from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder, fast_decoding_problem, weight_versions
 from tiny_decoder.model.transformer import DecoderTransformer
 
 log = logging.getLogger(__name__)
@@ -79,12 +84,15 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     compile: bool = False,
+    fast: bool = True,
+    weights: str = "model",
 ) -> torch.Tensor:
     """Continue ``prompt`` ``(B, T)`` by up to ``max_new_tokens``; returns ``(B, T + n)``.
 
-    Rows that emitted ``eos_id`` keep emitting it; decoding stops once every row has. ``compile``: the
-    compiled static-cache step (module doc); falls back to the eager cache, with a warning, for attentions
-    that need the key count (linformer, longformer).
+    Rows that emitted ``eos_id`` keep emitting it; decoding stops once every row has. ``fast`` (default): the
+    fast eager step in the ``weights`` format (module doc); ``compile``: the compiled static-cache step, which
+    falls back to the eager cache, with a warning, for attentions that need the key count (linformer,
+    longformer). ``weights`` other than ``model`` need the fast step.
     """
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (batch, length>0) token ids, got shape {tuple(prompt.shape)}")
@@ -94,7 +102,7 @@ def generate(
         batch, prompt_length = prompt.shape
         tokens = torch.empty(batch, prompt_length + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
         tokens[:, :prompt_length] = prompt
-        step = _stepper(model, batch, use_cache, compile)
+        step = _stepper(model, batch, use_cache, compile, fast, weights)
         n = prompt_length
         logits = step(tokens, n)
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
@@ -114,7 +122,12 @@ def generate(
         model.train(was_training)
 
 
-def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool) -> Step:
+def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool, fast: bool, weights: str) -> Step:
+    problem = fast_decoding_problem(model) if fast and use_cache and not compile else "fast=false"
+    if weights != "model" and problem is not None:
+        raise ValueError(f"weights={weights} needs the fast decoding step (use_cache, fast, no compile): {problem}")
+    if problem is None:
+        return Fast(model, FastDecoder(PREPARED_WEIGHTS.get(model, weights), batch))
     if not use_cache:
         return Recompute(model)
     if compile and not model.supports_static_cache:
@@ -159,6 +172,22 @@ class Cached(Recompute):
         return self.one_token_step(self.model, self.step_ids.copy_(new), self.cache)
 
 
+class Fast:
+    """The fast step (:class:`FastDecoder`): feeds the tokens its cache has not seen; past the context it
+    re-encodes the cropped window through the same step."""
+
+    def __init__(self, model: DecoderTransformer, decoder: FastDecoder):
+        self.decoder = decoder
+        self.context = model.config.context_length
+
+    def __call__(self, tokens: torch.Tensor, n: int) -> torch.Tensor:
+        with torch.inference_mode():  # skips autograd's bookkeeping: ~1 us an op at these sizes
+            if n > self.context:
+                self.decoder.reset()
+                return self.decoder(tokens[:, n - self.context : n])
+            return self.decoder(tokens[:, self.decoder.length : n])
+
+
 def next_token_logits(model: DecoderTransformer, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """``(B, V)`` logits after feeding ``ids`` through ``cache``: the function compiled for decoding."""
     return model(ids, cache)[:, -1]
@@ -181,12 +210,6 @@ def inductor_options(device: torch.device) -> dict[str, bool | int | str]:
     if device.type == "cpu":
         options["max_autotune_gemm_backends"] = CPU_GEMM_BACKENDS
     return options
-
-
-def weight_versions(model: torch.nn.Module) -> tuple[tuple[int, int], ...]:
-    """Identity and in-place version counter of every parameter and buffer: changes when the weights do."""
-    tensors = [*model.parameters(), *model.buffers()]
-    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 class CompiledDecoding:

@@ -1,0 +1,192 @@
+"""How the fast decoding step (:mod:`tiny_decoder.model.fast_decoding`) stores and multiplies its weights.
+
+One entry per ``weights=`` choice of :func:`tiny_decoder.model.generation.generate`, each turning an
+``nn.Linear``'s ``(N, K)`` weight into a callable ``(M, K) -> (M, N)`` (and ``residual + x W^T``):
+
+* ``model`` (default): the model's own dtype, the weight stored transposed ``(K, N)`` and multiplied with
+  ``torch.mm`` / ``torch.addmm`` (the residual add fused in). Same numerics as ``nn.Linear`` up to the
+  summation order. At batch 1 on a CPU this is measured ~1.4x faster than ``F.linear``'s ``x @ W.t()``
+  (``benchmarks/generation.py``); it holds a second copy of the matrices (the model's stay untouched).
+* ``bf16`` (opt-in, changes numerics): bfloat16 weights, the matrix products' inputs cast to bfloat16 (the
+  residual stream, norms, rotary, KV cache and attention stay in the model's dtype); on a CPU with oneDNN the weights
+  are prepacked for its bf16 kernels (AVX-512 BF16 where the CPU has it), elsewhere ``F.linear``.
+* ``int8`` (opt-in, changes numerics): int8 weights with one scale per output row (symmetric, absmax / 127),
+  bfloat16 inputs to the products (as ``bf16``), through torch's own weight-only kernel
+  ``aten._weight_int8pack_mm`` (a CPU kernel; torchao's int8 weight-only CPU path calls the same op). A
+  quarter of the fp32 weight bytes, which is what bounds decoding at small sizes.
+
+The quality cost of ``bf16`` / ``int8`` (greedy-token agreement, validation bits per byte) is measured in
+``benchmarks/generation.py --quality CKPT`` and reported in ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from tiny_decoder.core.errors import ConfigError
+from tiny_decoder.core.registry import Registry
+
+
+class Kernel:
+    """``x (M, K) -> x W^T + b (M, N)`` in one weight format; :meth:`add_to` also adds a residual."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + x W^T + b``."""
+        return residual + self(x)
+
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[:] = x W^T + b`` (``out`` contiguous, of the result's shape)."""
+        out.copy_(self(x))
+
+
+class TransposedKernel(Kernel):
+    """The model's dtype, ``W^T`` contiguous: ``mm`` / ``addmm`` (module doc: ``model``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight_t = weight.detach().to(dtype).t().contiguous()
+        self.bias = None if bias is None else bias.detach().to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return torch.mm(x, self.weight_t)
+        return torch.addmm(self.bias, x, self.weight_t)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            residual = residual + self.bias
+        return torch.addmm(residual, x, self.weight_t)
+
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        if self.bias is None:
+            torch.mm(x, self.weight_t, out=out)
+        else:
+            torch.addmm(self.bias, x, self.weight_t, out=out)
+
+
+class LowPrecisionKernel(Kernel):
+    """Multiplies in ``compute`` dtype: the input cast down, the output cast back to the input's dtype (the
+    residual stream, norms, rotary, the KV cache and attention stay in the model's dtype)."""
+
+    compute = torch.bfloat16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.low(x.to(self.compute)).to(x.dtype)
+
+    def add_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return residual + self.low(x.to(self.compute))
+
+    def low(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OneDNNKernel(LowPrecisionKernel):
+    """bfloat16 weights prepacked for oneDNN's CPU GEMMs (``mkldnn._linear_pointwise``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.compute).contiguous(), 1)
+        self.bias = None if bias is None else bias.detach().to(self.compute)
+
+    def low(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class LinearKernel(LowPrecisionKernel):
+    """``F.linear`` on bfloat16 weights (bf16 off a CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.weight = weight.detach().to(self.compute).contiguous()
+        self.bias = None if bias is None else bias.detach().to(self.compute)
+
+    def low(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(q (N, K) int8, scale (N,) fp32)`` with ``weight ~= q * scale[:, None]``."""
+    weight = weight.detach().float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+class Int8Kernel(LowPrecisionKernel):
+    """int8 weights, per-row scales, bfloat16 activations: ``aten._weight_int8pack_mm``."""
+
+    # the kernel reads the inner dimension in blocks of 16 (other sizes give wrong results or crash): pad to it
+    BLOCK = 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.pad = -weight.shape[1] % self.BLOCK
+        self.weight, scale = quantize_int8(F.pad(weight.detach(), (0, self.pad)))
+        self.scale = scale.to(self.compute)
+        self.bias = None if bias is None else bias.detach().to(self.compute)
+
+    def low(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
+        out = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        return out if self.bias is None else out + self.bias
+
+
+KernelFactory = Callable[[torch.Tensor, torch.Tensor | None, torch.dtype], Kernel]
+
+
+class WeightFormat:
+    """A ``weights=`` choice: the kernel built for each matrix."""
+
+    name = "model"
+
+    def kernel_type(self, device: torch.device) -> KernelFactory:
+        return TransposedKernel
+
+    def check(self, device: torch.device) -> None:
+        """Raise a one-line ConfigError if this format cannot run on ``device``."""
+
+    def kernel(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Kernel:
+        return self.kernel_type(weight.device)(weight, bias, dtype)
+
+
+WEIGHT_FORMATS: Registry[type[WeightFormat]] = Registry("weights", group="weights")
+
+
+@WEIGHT_FORMATS.register("model")
+class ModelWeights(WeightFormat):
+    """The model's dtype and numerics (the default)."""
+
+
+@WEIGHT_FORMATS.register("bf16")
+class BF16Weights(WeightFormat):
+    """bfloat16 weights and activations (opt-in)."""
+
+    name = "bf16"
+
+    def kernel_type(self, device: torch.device) -> KernelFactory:
+        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+            return OneDNNKernel
+        return LinearKernel
+
+
+@WEIGHT_FORMATS.register("int8")
+class Int8Weights(WeightFormat):
+    """int8 weight-only (opt-in), bfloat16 activations, CPU only."""
+
+    name = "int8"
+
+    def kernel_type(self, device: torch.device) -> KernelFactory:
+        return Int8Kernel
+
+    def check(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ConfigError(f"weights=int8 runs on a CPU only (torch's int8 weight-only kernel); got {device}: "
+                              "use weights=bf16 or weights=model there")  # fmt: skip
+
+
+def weight_format(name: str) -> WeightFormat:
+    """The :class:`WeightFormat` registered as ``name`` (an unknown name: one line listing the choices)."""
+    return WEIGHT_FORMATS.get(name)()
