@@ -1,6 +1,8 @@
 """Resume: a run killed mid-epoch (SIGKILL, no chance to save) or stopped by SIGTERM (saves ``last.ckpt`` at
 once) and continued with ``resume=auto`` ends exactly like the uninterrupted run with the same seed: same
-validation and test metrics, same best checkpoint, same final weights (dropout on, so the RNG matters too)."""
+validation and test metrics, same best checkpoint, same final weights (dropout on, so the RNG matters too).
+The resumed epoch skips the batches already trained on without loading them, and a resumed run logs into the
+same W&B run."""
 
 from __future__ import annotations
 
@@ -8,13 +10,20 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, Dataset
 
 from tests.helpers import run_module
+from tiny_decoder.run.resume import continue_wandb_run
+from tiny_decoder.tasks.checkpoint import METADATA_KEY
+from tiny_decoder.training.callbacks import WANDB_RUN_ID_KEY, WandbRunId, resumable_loader
 
 KILL_ENV = "TINY_DECODER_TEST_KILL"  # "STEP:SIGNAL": send SIGNAL to the run itself after optimizer step STEP
 
@@ -131,3 +140,67 @@ def test_ctrl_c_stops_after_the_batch_and_saves_last_checkpoint(tmp_path: Path):
     assert stopped.returncode == 128 + signal.SIGINT, stopped.stderr[-3000:]
     assert "error: interrupted by SIGINT at step 25" in stopped.stderr and "Traceback" not in stopped.stderr
     assert torch.load(tmp_path / "run1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 25
+
+
+class CountingDataset(Dataset):
+    """Items 0..n-1 that count how many were loaded."""
+
+    def __init__(self, n: int):
+        self.n, self.loaded = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        self.loaded += 1
+        return index
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_epoch_skips_batches_without_loading_them(workers: int):
+    def loader(data: CountingDataset):
+        plain = DataLoader(data, batch_size=4, shuffle=True, drop_last=True, num_workers=workers)
+        return resumable_loader(plain, seed=3, epoch_fn=lambda: 2)
+
+    uninterrupted = [batch.tolist() for batch in loader(CountingDataset(400))]
+    data = CountingDataset(400)
+    resumed = loader(data)
+    resumed.load_state_dict({"epoch": 2, "batches": 90})  # killed after 90 of the epoch's 100 batches
+    rest = [batch.tolist() for batch in resumed]
+    assert rest == uninterrupted[90:]  # the exact order of the uninterrupted epoch
+    if not workers:  # (a worker process counts in its own copy of the dataset)
+        assert data.loaded == 10 * 4  # only the batches trained on now were loaded
+    assert resumed.state_dict() == {"epoch": 2, "batches": 100}
+
+
+BARE_CHECKPOINT = {"state_dict": {}, "hyper_parameters": {}, METADATA_KEY: {"task": "language_model"}}
+
+
+def test_checkpoint_keeps_the_wandb_run_id_and_resume_continues_it(tmp_path: Path):
+    checkpoint: dict[str, Any] = {}
+    logger = WandbLogger(id="run42", offline=True, save_dir=str(tmp_path))  # not started: version is the id
+    WandbRunId().on_save_checkpoint(SimpleNamespace(loggers=[logger]), L.LightningModule(), checkpoint)
+    assert checkpoint[WANDB_RUN_ID_KEY] == "run42"
+
+    cfg = OmegaConf.create({"logger": {"csv": {"_target_": "x.CSVLogger"}, "wandb": {
+        "_target_": "lightning.pytorch.loggers.WandbLogger", "id": None, "resume": "allow"}}})  # fmt: skip
+    saved = tmp_path / "last.ckpt"
+    torch.save({**checkpoint, **BARE_CHECKPOINT}, saved)
+    assert continue_wandb_run(cfg, str(saved)) == "run42"
+    assert (cfg.logger.wandb.id, cfg.logger.wandb.resume) == ("run42", "allow")
+    torch.save(BARE_CHECKPOINT, saved)  # a checkpoint of a run without W&B: a new W&B run
+    fresh = OmegaConf.create({"logger": {"wandb": dict(cfg.logger.wandb, id=None)}})
+    assert continue_wandb_run(fresh, str(saved)) is None and fresh.logger.wandb.id is None
+
+
+@pytest.mark.slow
+def test_resumed_run_logs_into_the_same_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb = ["logger=many", "logger.wandb.offline=true"]
+    killed = train(tmp_path, "run1", *wandb, kill=f"30:{int(signal.SIGKILL)}")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = train(tmp_path, "run2", *wandb, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (first,) = (tmp_path / "run1" / "wandb").glob("offline-run-*")
+    (second,) = (tmp_path / "run2" / "wandb").glob("offline-run-*")
+    assert first.name.rsplit("-", 1)[1] == second.name.rsplit("-", 1)[1]  # the same run id

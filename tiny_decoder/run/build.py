@@ -24,8 +24,8 @@ from tiny_decoder.run.config_checks import (
     validate_config,
 )
 from tiny_decoder.run.memory import plan_memory
-from tiny_decoder.run.resume import continue_checkpoints_in, current_overrides, resolve_resume
-from tiny_decoder.tasks.checkpoint import load_weights
+from tiny_decoder.run.resume import continue_checkpoints_in, continue_wandb_run, current_overrides, resolve_resume
+from tiny_decoder.tasks.checkpoint import load_weights, read_checkpoint
 
 if TYPE_CHECKING:
     from tiny_decoder.tasks.base import DecoderTask
@@ -58,7 +58,7 @@ def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Ru
     check_added_keys(cfg, current_overrides() or [])
     check_cpu_processes(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = instantiate(cfg.data, _convert_="all", **init_tokenizer(cfg))
     model_config = build_model_config(cfg, datamodule)
     plan_memory(cfg, model_config, datamodule)  # shrink_batch_to_gb, then a warning over budget_gb
     task = instantiate(
@@ -83,6 +83,7 @@ def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Ru
     ckpt_path = resolve_resume(cfg, model_config, getattr(task, "task_name", None))
     if ckpt_path:
         continue_checkpoints_in(cfg, ckpt_path)
+        continue_wandb_run(cfg, ckpt_path)
     callbacks = [*instantiate_named(cfg.get("callbacks")), *extra_callbacks]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=instantiate_named(cfg.get("logger")), **trainer_overrides(cfg)
@@ -93,6 +94,24 @@ def build_run(cfg: DictConfig, extra_callbacks: Iterable[L.Callback] = ()) -> Ru
 # below this many parameters a training step is a few small matmuls: a second intra-op thread mostly waits on
 # the first, and on a busy 2-core machine it stalls the step (issue: 69 vs 2,030 steps in 15 s for the card's model)
 SMALL_MODEL_PARAMETERS = 1_000_000
+
+
+def init_tokenizer(cfg: DictConfig) -> dict[str, str]:
+    """``{"tokenizer_json": ...}`` for the text data of a run that starts from ``init_from``'s language model when
+    the data names no tokenizer: its token ids must mean what they meant to the trained (or imported) weights, so
+    the data is tokenized with the checkpoint's tokenizer, not a new one."""
+    data = cfg.get("data") or {}
+    if (
+        not cfg.get("init_from")
+        or "tokenizer_path" not in data
+        or data.get("tokenizer_path")
+        or data.get("tokenizer_json")
+    ):
+        return {}
+    tokenizer_json = read_checkpoint(str(cfg.init_from), "init_from")["hyper_parameters"].get("tokenizer_json")
+    if tokenizer_json:
+        log.info("init_from: the data is tokenized with the checkpoint's tokenizer")
+    return {"tokenizer_json": tokenizer_json} if tokenizer_json else {}
 
 
 def set_threads(torch_threads: int | str | None, parameters: int) -> int:

@@ -145,8 +145,9 @@ def validation_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def throughput(trainer: L.Trainer) -> dict[str, float]:
-    """The last rates of Lightning's ThroughputMonitor (``train/*_per_sec``; none when it is not configured)."""
-    return {k: v for k, v in _scalars(trainer.logged_metrics).items() if k.endswith("_per_sec")}
+    """The last rates of Lightning's ThroughputMonitor (``train/*_per_sec`` and ``train/device/mfu``; none when it
+    is not configured)."""
+    return {k: v for k, v in _scalars(trainer.logged_metrics).items() if k.endswith(("_per_sec", "/mfu"))}
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:

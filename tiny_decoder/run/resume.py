@@ -1,7 +1,8 @@
 """Resuming a run: ``resume=PATH.ckpt`` or ``resume=auto`` (the newest ``last.ckpt`` under ``paths.resume_dir``
 written by the same command: the same overrides apart from ``resume``, ``paths.*``, loggers, speed switches and
 the ``trainer.max_*`` budget). The checkpoint is checked against the run's task and model before anything
-trains; the resumed run keeps writing checkpoints next to the one it resumed from."""
+trains; the resumed run keeps writing checkpoints next to the one it resumed from, and logs into the W&B run its
+checkpoint names (``continue_wandb_run``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from tiny_decoder.run.run_dir import RunDir
-from tiny_decoder.tasks.checkpoint import check_checkpoint
+from tiny_decoder.tasks.checkpoint import check_checkpoint, read_checkpoint
+from tiny_decoder.training.callbacks import WANDB_RUN_ID_KEY
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +77,23 @@ def continue_checkpoints_in(cfg: DictConfig, ckpt_path: str) -> None:
     """Point ``paths.checkpoint_dir`` at the resumed checkpoint's folder (best / last tracking carries on)."""
     with open_dict(cfg):
         cfg.paths.checkpoint_dir = str(Path(ckpt_path).resolve().parent)
+
+
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+
+
+def continue_wandb_run(cfg: DictConfig, ckpt_path: str) -> str | None:
+    """Point the configured W&B logger (``id: null``) at the run id the checkpoint keeps (the ``WandbRunId``
+    callback), with ``resume="allow"``: the resumed run's metrics go on in the same W&B run. Returns the id."""
+    loggers = [node for node in (cfg.get("logger") or {}).values() if node and node.get("_target_") == WANDB_LOGGER]
+    if not loggers:
+        return None
+    run_id = read_checkpoint(ckpt_path, field="resume").get(WANDB_RUN_ID_KEY)
+    if not run_id:
+        return None
+    with open_dict(cfg):
+        for node in loggers:
+            if not node.get("id"):
+                node.id, node.resume = run_id, "allow"
+    log.info("resume: W&B run %s continues", run_id)
+    return str(run_id)

@@ -21,8 +21,10 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
+import itertools
 import logging
 import re
 import signal
@@ -373,16 +375,48 @@ def interrupted_error(trainer: L.Trainer) -> TrainingInterrupted:
 # --------------------------------------------------------------------------------------------------------
 
 
+class SkippingBatchSampler(BatchSampler):
+    """A BatchSampler whose next iteration first draws and drops ``skip`` batches of indices: a resumed epoch
+    continues the exact order of the uninterrupted one without loading or collating the batches already trained
+    on (the sampler's indices are cheap; the samples behind them are not)."""
+
+    def __init__(self, sampler: Any, batch_size: int, drop_last: bool):
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = super().__iter__()
+        skip, self.skip = self.skip, 0
+        collections.deque(itertools.islice(batches, skip), maxlen=0)  # consumed, nothing kept
+        yield from batches
+
+
 class ResumableLoader(DataLoader):
     """A DataLoader whose shuffle order depends only on ``(seed, epoch)`` and that can resume mid-epoch.
 
     ``state_dict()`` records the epoch and the batches served so far; after ``load_state_dict`` the next
-    iteration of that epoch skips them. ``epoch_fn`` tells the current epoch (the trainer's), so a loader
-    reused across epochs reshuffles the same way an uninterrupted run does.
+    iteration of that epoch skips them in its :class:`SkippingBatchSampler` (indices drawn, samples never
+    loaded: resuming costs the same at any point of the epoch). ``epoch_fn`` tells the current epoch (the
+    trainer's), so a loader reused across epochs reshuffles the same way an uninterrupted run does.
     """
 
-    def __init__(self, dataset: Any, *args: Any, seed: int = 0, epoch_fn: Callable[[], int] | None = None, **kwargs):
-        super().__init__(dataset, *args, **kwargs)
+    batch_sampler: SkippingBatchSampler
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        shuffle: bool,
+        batch_size: int,
+        drop_last: bool,
+        seed: int = 0,
+        epoch_fn: Callable[[], int] | None = None,
+        **kwargs: Any,
+    ):
+        generator = torch.Generator() if shuffle else None
+        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+        batches = SkippingBatchSampler(sampler, batch_size, drop_last)
+        super().__init__(dataset, batch_sampler=batches, generator=generator, **kwargs)
         self.seed = seed
         self.epoch_fn = epoch_fn
         self.epoch = 0
@@ -396,16 +430,13 @@ class ResumableLoader(DataLoader):
         self._iterations += 1
         if self.generator is not None:
             self.generator.manual_seed(mix_seed(self.seed, self.epoch))
-        iterator = super().__iter__()
-        self.batches = self._skip(iterator)
-        return self._counted(iterator)
+        self.batches = self.batch_sampler.skip = self._batches_to_skip()
+        return self._counted(super().__iter__())
 
-    def _skip(self, iterator: Iterator[Any]) -> int:
+    def _batches_to_skip(self) -> int:
         pending, self._pending = self._pending, None
         if pending is None or pending[0] != self.epoch or not 0 < pending[1] < len(self):
             return 0
-        for _ in range(pending[1]):
-            next(iterator)
         return pending[1]
 
     def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
@@ -431,22 +462,24 @@ def resumable_loader(loader: Any, seed: int, epoch_fn: Callable[[], int]) -> Any
     if not plain:
         rank_zero_warn("ExactResume: the training loader is not a plain DataLoader; a resumed epoch starts over")
         return loader
-    shuffle = isinstance(sampler, RandomSampler)
     options = {
-        "batch_size": loader.batch_size,
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
         "pin_memory": loader.pin_memory,
-        "drop_last": loader.drop_last,
         "timeout": loader.timeout,
         "worker_init_fn": loader.worker_init_fn,
         "persistent_workers": loader.persistent_workers,
     }
     if loader.num_workers:
         options["prefetch_factor"] = loader.prefetch_factor
-    generator = torch.Generator() if shuffle else None
     return ResumableLoader(
-        loader.dataset, shuffle=shuffle, generator=generator, seed=seed, epoch_fn=epoch_fn, **options
+        loader.dataset,
+        shuffle=isinstance(sampler, RandomSampler),
+        batch_size=loader.batch_size,
+        drop_last=loader.drop_last,
+        seed=seed,
+        epoch_fn=epoch_fn,
+        **options,
     )
 
 
@@ -483,6 +516,19 @@ class ExactResume(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         seed_generators(mix_seed(self.seed, trainer.global_rank, trainer.current_epoch, batch_idx), pl_module.device)
+
+
+WANDB_RUN_ID_KEY = "wandb_run_id"
+
+
+class WandbRunId(L.Callback):
+    """Keeps the W&B run's id in every checkpoint (``checkpoint["wandb_run_id"]``), so a run resumed from it logs
+    into the same W&B run (``run/resume.py``'s ``continue_wandb_run``: ``id`` + ``resume="allow"``)."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger.version:
+                checkpoint[WANDB_RUN_ID_KEY] = logger.version
 
 
 def processed_epochs(trainer: L.Trainer) -> int:
