@@ -163,8 +163,9 @@ def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[s
 
     ours_s, theirs_s = [], []
     with torch.no_grad():
-        ours(), theirs()  # warm-up
-        for _ in range(args.repeats):
+        generate(model, prompt, 2, temperature=1.0)  # warm-up
+        hf_model.generate(prompt, do_sample=True, max_new_tokens=2, attention_mask=torch.ones_like(prompt))
+        for _ in range(args.hf_repeats):
             ours_s += timed(ours, 1)
             theirs_s += timed(theirs, 1)
     fast, hf = tokens / statistics.median(ours_s), tokens / statistics.median(theirs_s)
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--llama2c", help="a llama2.c checkout (default: env LLAMA2C_DIR; unset: no run.c column)")
     parser.add_argument("--hf", action="store_true", help="also batched sampling against Hugging Face generate()")
     parser.add_argument("--hf-batch", type=int, default=32)
+    parser.add_argument("--hf-repeats", type=int, default=1, help="interleaved rounds of the batched comparison")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, measures nothing")
     args = parser.parse_args(argv)
     emit({"benchmark": "machine", **machine()})

@@ -102,7 +102,7 @@ def rows_of(results: dict[str, list[dict]], part: str, benchmark: str, **match: 
 
 
 def first(rows: list[dict], key: str) -> float | None:
-    return rows[0][key] if rows else None
+    return rows[0].get(key) if rows else None
 
 
 BASE = {"attention": "sdpa", "precision": "32-true", "compile": False}

@@ -22,7 +22,7 @@ TOOLS = ("generate", "evaluate", "estimate", "summary", "export", "convert")
 # the options each help must list (key=...); generate and evaluate: every key of their config, checked below
 OWN_OPTIONS = {
     "generate": {"ckpt", "sequence", "steps", "prompt", "max_new_tokens", "temperature", "top_k", "top_p",
-                 "num_samples", "seed", "device", "compile"},
+                 "num_samples", "seed", "device", "compile", "weights"},
     "evaluate": {"ckpt", "output", "batch_size", "seed", "device", "n", "data.files.train", "data.files.validation",
                  "data.files.test", "data.hub_dataset", "data.text_format", "data.cache_dir", "data.tokenizer_path",
                  "max_blocks", "lambada", "lambada_limit", "harness_tasks", "harness_limit"},

@@ -26,7 +26,7 @@ def generate_from_checkpoint(cfg: DictConfig) -> list[str]:
     task = load_task(cfg.ckpt, map_location=cfg.device)
     request = typed_request(cfg, GenerationRequest)
     if request.compile:
-        print("compiling the decoding step (20-40 s on a CPU, once per batch shape) ...", file=sys.stderr, flush=True)
+        print("compiling the decoding step (1-5 minutes on a 2-core CPU, every run) ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     outputs = task.generate_outputs(request)
     seconds = time.perf_counter() - started

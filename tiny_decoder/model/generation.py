@@ -123,7 +123,8 @@ def generate(
 
 
 def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool, fast: bool, weights: str) -> Step:
-    problem = fast_decoding_problem(model) if fast and use_cache and not compile else "fast=false"
+    switches = {"use_cache=False": not use_cache, "compile=True": compile, "fast=False": not fast}
+    problem = ", ".join(name for name, on in switches.items() if on) or fast_decoding_problem(model)
     if weights != "model" and problem is not None:
         raise ValueError(f"weights={weights} needs the fast decoding step (use_cache, fast, no compile): {problem}")
     if problem is None:

@@ -196,15 +196,26 @@ class LanguageModel(DecoderTask):
         num_samples: int = 1,
         generator: torch.Generator | None = None,
         compile: bool = False,
+        weights: str = "model",
     ) -> list[str]:
         """``num_samples`` continuations of ``prompt`` (cached decoding, stopping at ``<|endoftext|>``;
-        ``compile``: the compiled decoding step of :func:`tiny_decoder.model.generation.generate`)."""
+        ``compile``: the compiled decoding step of :func:`tiny_decoder.model.generation.generate`; ``weights``: the
+        fast step's weight format there)."""
         ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give prompt=TEXT (this model does not start from <|endoftext|>)")
         batch = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
         tokens = generate(
-            self.model, batch, max_new_tokens, temperature, top_k, top_p, self.eot_id, generator, compile=compile
+            self.model,
+            batch,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            self.eot_id,
+            generator,
+            compile=compile,
+            weights=weights,
         )
         return [self.decode_continuation(row) for row in tokens[:, len(ids) :].tolist()]
 
@@ -229,6 +240,7 @@ class LanguageModel(DecoderTask):
             request.top_p,
             request.num_samples,
             compile=request.compile,
+            weights=request.weights,
         )
         return [prompt + text for text in texts]
 

@@ -74,10 +74,13 @@ class SequencePredictor(DecoderTask):
         metrics.reset()
 
     @torch.no_grad()
-    def continue_sequence(self, numbers: list[int], steps: int, compile: bool = False) -> list[int]:
-        """Greedy cached continuation of ``numbers`` by ``steps`` more numbers (``compile``: compiled decoding)."""
+    def continue_sequence(
+        self, numbers: list[int], steps: int, compile: bool = False, weights: str = "model"
+    ) -> list[int]:
+        """Greedy cached continuation of ``numbers`` by ``steps`` more numbers (``compile``: compiled decoding,
+        ``weights``: the fast step's weight format)."""
         prompt = torch.tensor([numbers], dtype=torch.long, device=self.device)
-        return generate(self.model, prompt, steps, compile=compile)[0, len(numbers) :].tolist()
+        return generate(self.model, prompt, steps, compile=compile, weights=weights)[0, len(numbers) :].tolist()
 
     def generate_outputs(self, request: GenerationRequest) -> list[str]:
         """``generate sequence="1 2 4 7 11" steps=5``: the sequence followed by its continuation."""
@@ -86,7 +89,7 @@ class SequencePredictor(DecoderTask):
                 'the sequence task needs sequence="<numbers separated by spaces>", e.g. sequence="1 2 4 7"'
             )
         numbers = parse_numbers(request.sequence, self.model_config.vocab_size - 1)
-        continuation = self.continue_sequence(numbers, request.steps, compile=request.compile)
+        continuation = self.continue_sequence(numbers, request.steps, compile=request.compile, weights=request.weights)
         return [" ".join(map(str, numbers)) + " -> " + " ".join(map(str, continuation))]
 
     @torch.no_grad()
