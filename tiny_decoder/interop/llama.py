@@ -122,7 +122,7 @@ def model_config(shape: LlamaShape) -> ModelConfig:
         dropout=0.0,
         bias=shape.bias,
         tie_embeddings=shape.tied,
-        activation={"name": "swiglu"},
+        activation={"name": "swiglu", "multiple_of": 1},  # as conf/activation/swiglu.yaml writes it
         norm={"placement": "pre", "kind": "rmsnorm", "eps": shape.norm_eps, "affine": True},
         attention={"name": "sdpa"},
         positional={"name": "rope", "base": shape.rope_theta},
