@@ -107,16 +107,33 @@ def register() -> type:
 
 
 def lm_eval_arguments(args: Sequence[str]) -> list[str]:
-    """The command line for lm_eval: ``args``, plus ``--model tiny_decoder`` and this package's task folder
-    when a run does not name them."""
+    """The command line for lm_eval: ``args``, plus ``--model tiny_decoder`` and this package's task folder when a
+    run does not name them; for this model also ``--batch_size`` (lm_eval's default of 1 row per forward pass is
+    this adapter's slowest) and ``--device`` (the GPU when there is one, else the cpu; lm_eval's default is cuda:0)
+    unless given."""
     args = list(args)
     if args and args[0] in ("ls", "validate"):
         return args if "--include_path" in args else [*args, "--include_path", str(harness.TASKS_DIR)]
-    if not {"--model", "-M"} & set(args):
+    given = {arg.split("=", 1)[0] for arg in args}
+    if not {"--model", "-M"} & given:
         args += ["--model", MODEL_NAME]
-    if "--include_path" not in args:
+    if "--include_path" not in given:
         args += ["--include_path", str(harness.TASKS_DIR)]
+    if model_name(args) == MODEL_NAME:
+        if not {"--batch_size", "-b"} & given:
+            args += ["--batch_size", str(harness.DEFAULT_BATCH_SIZE)]
+        if "--device" not in given:
+            args += ["--device", "cuda" if torch.cuda.is_available() else "cpu"]
     return args
+
+
+def model_name(args: list[str]) -> str | None:
+    """The value of ``--model`` / ``-M`` in ``args`` (``--model X`` or ``--model=X``)."""
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if name in ("--model", "-M"):
+            return value if equals else (args[i + 1] if i + 1 < len(args) else None)
+    return None
 
 
 def run_lm_eval(args: Sequence[str]) -> None:
