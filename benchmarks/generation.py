@@ -26,9 +26,9 @@ reports tokens/s over its forwards after the first one, the project's figure is 
 ``generate`` call (the prompt's forward and setup included), so the ratios are conservative for the project.
 The runs of all modes and of ``run.c`` are interleaved, ``--repeats`` rounds, medians reported.
 
-``--hf``: batched throughput at ``--hf-batch`` (32) with sampling (temperature 1), ``--new`` tokens, against
-Hugging Face ``generate()`` of the same model exported by ``tiny_decoder.interop.hf.to_hf`` (the threads of the
-last ``--threads``). One JSON line per measurement, then tables.
+``--hf``: batched throughput at ``--hf-batch`` (32) with sampling (temperature 1), ``--new`` tokens, of the fast
+step (fp32, bf16, int8) against Hugging Face ``generate()`` of the same model exported by
+``tiny_decoder.interop.hf.to_hf`` (fp32), on ``--hf-threads`` threads. One JSON line per measurement, then tables.
 """
 
 from __future__ import annotations
@@ -147,31 +147,35 @@ def interleaved(model: DecoderTransformer, args: argparse.Namespace, threads: in
 
 
 def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[str, Any]:
-    """Batched sampling: the fast step vs Hugging Face ``generate()`` of the exported model."""
+    """Batched sampling: the fast step (fp32, and the opt-in bf16 / int8 weights) vs Hugging Face ``generate()``
+    of the exported model (fp32), interleaved ``--hf-repeats`` rounds."""
     from tiny_decoder.interop.hf import to_hf
 
     hf_model = to_hf(model).to(device()).eval()
     prompt = torch.ones(args.hf_batch, 1, dtype=torch.long, device=device())
     tokens = args.hf_batch * args.new
+    ours = {name: MODES[name] for name in ("fast", "bf16", "int8")}
 
-    def ours() -> None:
-        generate(model, prompt, args.new, temperature=1.0)
+    def theirs(new: int) -> None:
+        hf_model.generate(prompt, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=new, min_new_tokens=new,
+                          attention_mask=torch.ones_like(prompt))  # fmt: skip
 
-    def theirs() -> None:
-        hf_model.generate(prompt, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.new,
-                          min_new_tokens=args.new, attention_mask=torch.ones_like(prompt))  # fmt: skip
-
-    ours_s, theirs_s = [], []
+    seconds: dict[str, list[float]] = {}
     with torch.no_grad():
-        generate(model, prompt, 2, temperature=1.0)  # warm-up
-        hf_model.generate(prompt, do_sample=True, max_new_tokens=2, attention_mask=torch.ones_like(prompt))
+        for options in ours.values():  # warm-up: weight preparation
+            generate(model, prompt, 2, temperature=1.0, **options)
+        theirs(2)
         for _ in range(args.hf_repeats):
-            ours_s += timed(ours, 1)
-            theirs_s += timed(theirs, 1)
-    fast, hf = tokens / statistics.median(ours_s), tokens / statistics.median(theirs_s)
-    return {"benchmark": "generation_batched", "batch": args.hf_batch, "new_tokens": args.new,
-            "threads": torch.get_num_threads(), "fast_tokens_per_s": round(fast, 1),
-            "hf_tokens_per_s": round(hf, 1), "fast_over_hf": round(fast / hf, 2)}  # fmt: skip
+            for name, options in ours.items():
+                run = {"temperature": 1.0, **options}
+                seconds.setdefault(name, []).append(decode_seconds(model, prompt, args.new, run))
+            seconds.setdefault("hf", []).append(timed(lambda: theirs(args.new), 1)[0])
+    rates = {name: tokens / statistics.median(values) for name, values in seconds.items()}
+    row: dict[str, Any] = {"benchmark": "generation_batched", "batch": args.hf_batch, "new_tokens": args.new,
+                           "threads": torch.get_num_threads()}  # fmt: skip
+    row.update({f"{name}_tokens_per_s": round(rate, 1) for name, rate in rates.items()})
+    row.update({f"{name}_over_hf": round(rates[name] / rates["hf"], 2) for name in ours})
+    return row
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -186,6 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hf", action="store_true", help="also batched sampling against Hugging Face generate()")
     parser.add_argument("--hf-batch", type=int, default=32)
     parser.add_argument("--hf-repeats", type=int, default=1, help="interleaved rounds of the batched comparison")
+    parser.add_argument("--hf-threads", type=int, default=1, help="threads of the batched comparison")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, measures nothing")
     args = parser.parse_args(argv)
     emit({"benchmark": "machine", **machine()})
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row.update({f"{mode}_warmup_s": seconds for mode, seconds in warmup.items()})
         rows.append(emit(row))
     if args.hf:
-        torch.set_num_threads(args.threads[-1])
+        torch.set_num_threads(args.hf_threads)
         rows.append(emit(hf_comparison(model, args)))
     print()
     columns = [("threads", "threads")] + [(f"{m}_tokens_per_s", f"{m} tok/s") for m in [*args.modes, "run_c"]]

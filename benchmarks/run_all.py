@@ -169,7 +169,9 @@ GENERATION_COLUMNS = [
     ("fast_warmup_s", "fast warm-up s"),
 ]  # fmt: skip
 BATCHED_COLUMNS = [("batch", "batch"), ("threads", "threads"), ("fast_tokens_per_s", "fast tok/s"),
-                   ("hf_tokens_per_s", "HF generate() tok/s"), ("fast_over_hf", "fast / HF")]  # fmt: skip
+                   ("bf16_tokens_per_s", "bf16 tok/s"), ("int8_tokens_per_s", "int8 tok/s"),
+                   ("hf_tokens_per_s", "HF generate() tok/s"), ("fast_over_hf", "fast / HF"),
+                   ("bf16_over_hf", "bf16 / HF")]  # fmt: skip
 TARGET_COLUMNS = [("target", "target"), ("relation", ""), ("threshold", "threshold"), ("value", "measured"),
                   ("verdict", "verdict")]  # fmt: skip
 
