@@ -156,3 +156,23 @@ def test_low_precision_cached_decoding_equals_its_own_recomputation(weights):
             torch.testing.assert_close(logits, whole, atol=2e-3, rtol=2e-3)
     decoded = generate(model, tokens[:, :4], 40, weights=weights)
     assert decoded.shape == (2, 44)
+
+
+def test_traced_one_token_step_equals_the_eager_step_across_attention_buckets(monkeypatch):
+    """The traced step (attention over a bucket of cache slots, the later ones masked) gives the eager step's
+    logits at every position, across bucket boundaries, one trace per bucket reused by later decoders."""
+    import tiny_decoder.model.fast_decoding as fast_decoding
+
+    monkeypatch.setattr(fast_decoding, "ATTENTION_BUCKET", 8)
+    model = model_of("llama")
+    prepared = fast_decoding.PreparedWeights(model, weight_format("int8"))
+    tokens = prompt_of(2, 30)
+    for _ in range(2):  # the second decoder reuses the traces
+        traced, eager = FastDecoder(prepared, 2), FastDecoder(prepared, 2, traced=False)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(tokens[:, :3]), eager(tokens[:, :3]))
+            for n in range(3, 30):
+                torch.testing.assert_close(
+                    traced(tokens[:, n : n + 1]), eager(tokens[:, n : n + 1]), atol=1e-5, rtol=1e-5
+                )
+    assert sorted(prepared.traced) == [(2, 8), (2, 16), (2, 24), (2, 32)]

@@ -33,6 +33,8 @@ from tiny_decoder.core.registry import Registry
 class Kernel:
     """``x (M, K) -> x W^T + b (M, N)`` in one weight format; :meth:`add_to` also adds a residual."""
 
+    traceable = True  # torch.jit.trace can hold its tensors as constants (not oneDNN's opaque packed weights)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -87,6 +89,8 @@ class LowPrecisionKernel(Kernel):
 
 class OneDNNKernel(LowPrecisionKernel):
     """bfloat16 weights prepacked for oneDNN's CPU GEMMs (``mkldnn._linear_pointwise``)."""
+
+    traceable = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.compute).contiguous(), 1)
