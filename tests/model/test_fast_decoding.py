@@ -106,6 +106,10 @@ def test_models_the_fast_step_does_not_cover_decode_through_the_module_path():
     with pytest.raises(ValueError, match="weights=int8 needs the fast decoding step"):
         generate(model, prompt, 8, weights="int8")
     assert "fp32 or fp64" in fast_decoding_problem(model_of("llama").to(torch.bfloat16))
+    wrapped = model_of("llama")
+    wrapped.head = torch.nn.Sequential(wrapped.head)  # e.g. a test's or a method's wrapper around a projection
+    assert "plain nn.Linear projections and head" in fast_decoding_problem(wrapped)
+    assert torch.equal(generate(wrapped, prompt, 8), generate(wrapped, prompt, 8, fast=False))
 
 
 def test_unknown_weight_format_names_the_choices():

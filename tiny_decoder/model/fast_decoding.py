@@ -50,7 +50,7 @@ def fast_decoding_problem(model: DecoderTransformer) -> str | None:
     """Why ``model`` cannot use :class:`FastDecoder` (None: it can)."""
     if not isinstance(model, DecoderTransformer):
         return f"the fast decoding step needs a DecoderTransformer, got {type(model).__name__}"
-    weight = model.head.weight
+    weight = next(model.parameters())
     checks = {
         "fp32 or fp64 weights": weight.dtype in (torch.float32, torch.float64),
         "autocast off (it would recast the fused products)": not torch.is_autocast_enabled(weight.device.type),
@@ -65,7 +65,9 @@ def fast_decoding_problem(model: DecoderTransformer) -> str | None:
         "an MLP or gated feed-forward": all(
             type(block.ff) in (FeedForward, GatedFeedForward) for block in model.layers
         ),
-        "rmsnorm or layernorm": all(
+        "plain nn.Linear projections and head": all(type(linear) is nn.Linear for linear in _linears(model)),
+        "rmsnorm or layernorm": isinstance(model.final_norm, (nn.RMSNorm, nn.LayerNorm))
+        and all(
             isinstance(norm, (nn.RMSNorm, nn.LayerNorm))
             for block in model.layers
             for norm in (block.norm_attn, block.norm_ff)
@@ -73,6 +75,15 @@ def fast_decoding_problem(model: DecoderTransformer) -> str | None:
     }
     missing = [need for need, ok in checks.items() if not ok]
     return f"the fast decoding step needs {', '.join(missing)}" if missing else None
+
+
+def _linears(model: DecoderTransformer) -> list[nn.Module | None]:
+    """Every matrix the fast step reads, as the modules that hold it."""
+    linears: list[nn.Module | None] = [model.head]
+    for block in model.layers:
+        linears += [getattr(block.attn, "qkv", None), getattr(block.attn, "proj", None)]
+        linears += [getattr(block.ff, name, None) for name in ("gate", "up", "down") if hasattr(block.ff, name)]
+    return linears
 
 
 def interleaved_rows(n_heads: int, head_dim: int) -> torch.Tensor:
