@@ -107,9 +107,23 @@ def test_models_the_fast_step_does_not_cover_decode_through_the_module_path():
         generate(model, prompt, 8, weights="int8")
     assert "fp32 or fp64" in fast_decoding_problem(model_of("llama").to(torch.bfloat16))
     wrapped = model_of("llama")
-    wrapped.head = torch.nn.Sequential(wrapped.head)  # e.g. a test's or a method's wrapper around a projection
+    wrapped.head = HotHead(wrapped.head, token=7)  # a subclass computing something else than its weight says
     assert "plain nn.Linear projections and head" in fast_decoding_problem(wrapped)
-    assert torch.equal(generate(wrapped, prompt, 8), generate(wrapped, prompt, 8, fast=False))
+    assert generate(wrapped, prompt, 8)[0, 3:].tolist() == [7] * 8
+
+
+class HotHead(torch.nn.Linear):
+    """A head that always favours ``token``: the fast step, reading only the weight, would miss it."""
+
+    def __init__(self, head: torch.nn.Linear, token: int):
+        super().__init__(head.in_features, head.out_features, bias=False)
+        self.weight = head.weight
+        self.token = token
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        logits[..., self.token] += 100.0
+        return logits
 
 
 def test_unknown_weight_format_names_the_choices():
