@@ -100,6 +100,9 @@ def test_sdpa_uses_a_fused_kernel_on_the_gpu():
     assert "flash" in names or "efficient" in names or "fmha" in names, names[:500]
 
 
+CLIP = 0.01  # below the gradient norm of a random model on random tokens, so clipping acts
+
+
 def test_fused_adamw_with_clipping_under_amp_matches_the_unfused_loop():
     """fp16 autocast with a GradScaler, fused AdamW, gradients unscaled then clipped (what
     ``training.optimizers.clip_gradients`` does under Lightning): the weights end where the for-loop AdamW's do."""
@@ -116,13 +119,13 @@ def test_fused_adamw_with_clipping_under_amp_matches_the_unfused_loop():
                 loss = loss_of(model, inputs, targets)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
         results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), norms))
     (fused_weights, fused_norms), (loop_weights, loop_norms) = results
-    assert all(n > 0.5 for n in fused_norms)  # the clip was active
+    assert all(n > CLIP for n in fused_norms)  # the clip was active at every step
     assert fused_norms == pytest.approx(loop_norms, rel=1e-3)
     torch.testing.assert_close(fused_weights, loop_weights, atol=1e-4, rtol=1e-3)
 
