@@ -29,6 +29,8 @@ The runs of all modes and of ``run.c`` are interleaved, ``--repeats`` rounds, me
 ``--hf``: batched throughput at ``--hf-batch`` (32) with sampling (temperature 1), ``--new`` tokens, of the fast
 step (fp32, bf16, int8) against Hugging Face ``generate()`` of the same model exported by
 ``tiny_decoder.interop.hf.to_hf`` (fp32), on ``--hf-threads`` threads. One JSON line per measurement, then tables.
+
+``--quality CKPT``: instead, the opt-in formats' agreement with fp32 on a trained language model (``quality``).
 """
 
 from __future__ import annotations
@@ -178,6 +180,48 @@ def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[s
     return row
 
 
+QUALITY_PROMPTS = ["Once upon a time", "The little dog", "One day, a girl named Lily", "Tom and his mom",
+                   "The sun was", "In the park, there was", "The cat saw a", "Mia wanted to"]  # fmt: skip
+
+
+def quality(checkpoint: str, new: int) -> list[dict[str, Any]]:
+    """bf16 / int8 against the model's own numerics on a trained language model: greedy continuations (fp32) of
+    ``QUALITY_PROMPTS``, then each format teacher-forced along them: the share of positions where its greedy
+    token is fp32's, and the change of the mean log-probability of fp32's tokens (nats)."""
+    from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
+    from tiny_decoder.tasks import load_task
+
+    task = load_task(checkpoint)
+    model = task.model.eval()
+    rows = []
+    context = model.config.context_length
+    sequences = []
+    for text in QUALITY_PROMPTS:
+        ids = torch.tensor([task.encode_prompt(text)[: context // 2]])
+        sequences.append(generate(model, ids, min(new, context - ids.shape[1])))
+    for weights in ("bf16", "int8"):
+        agree, total, logprob_change = 0, 0, 0.0
+        for tokens in sequences:
+            logits = {}
+            for name in ("model", weights):
+                decoder = FastDecoder(PREPARED_WEIGHTS.get(model, name), 1)
+                with torch.no_grad():
+                    steps = [decoder(tokens[:, :1])] + [
+                        decoder(tokens[:, n : n + 1]) for n in range(1, tokens.shape[1] - 1)
+                    ]
+                logits[name] = torch.cat(steps).float().log_softmax(-1)
+            targets = tokens[0, 1:]
+            agree += int((logits[weights].argmax(-1) == logits["model"].argmax(-1)).sum())
+            total += targets.numel()
+            picked = {name: value.gather(1, targets[:, None]).mean() for name, value in logits.items()}
+            logprob_change += float(picked[weights] - picked["model"]) * targets.numel()
+        rows.append(emit({"benchmark": "generation_quality", "checkpoint": Path(checkpoint).name, "weights": weights,
+                          "greedy_agreement": round(agree / total, 4),
+                          "mean_logprob_change_nats": round(logprob_change / total, 5),
+                          "positions": total}))  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="stories15m")
@@ -192,8 +236,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hf-repeats", type=int, default=1, help="interleaved rounds of the batched comparison")
     parser.add_argument("--hf-threads", type=int, default=1, help="threads of the batched comparison")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, measures nothing")
+    parser.add_argument("--quality", metavar="CKPT", help="only: bf16 / int8 agreement with fp32 on this checkpoint")
     args = parser.parse_args(argv)
     emit({"benchmark": "machine", **machine()})
+    if args.quality:
+        return quality(args.quality, args.new)
     model = build_model(args.experiment, list(SMOKE_OVERRIDES) if args.smoke else [])
     source = llama2c_source(args.llama2c)
     run_c = RunC(source, model) if source is not None and not args.smoke else None

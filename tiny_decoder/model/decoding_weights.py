@@ -15,8 +15,9 @@ One entry per ``weights=`` choice of :func:`tiny_decoder.model.generation.genera
   ``aten._weight_int8pack_mm`` (a CPU kernel; torchao's int8 weight-only CPU path calls the same op). A
   quarter of the fp32 weight bytes, which is what bounds decoding at small sizes.
 
-The quality cost of ``bf16`` / ``int8`` (greedy-token agreement, validation bits per byte) is measured in
-``benchmarks/generation.py --quality CKPT`` and reported in ``benchmarks/RESULTS.md``.
+The quality cost of ``bf16`` / ``int8`` on a trained model (greedy-token agreement with fp32, change of the
+log-probability of fp32's tokens) is measured by ``benchmarks/generation.py --quality CKPT`` and reported in
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
