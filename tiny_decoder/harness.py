@@ -74,6 +74,7 @@ def harness_results(lm: Any, tasks: Sequence[str], limit: int | None = None, lam
 def register() -> type:
     """Register the model ``tiny_decoder`` with lm_eval (once); returns its class."""
     harness.require_lm_eval()
+    import lm_eval.models  # noqa: F401  (its built-in models: registered when imported, after ours otherwise not)
     from lm_eval.api.registry import register_model
     from lm_eval.utils import simple_parse_args_string
 

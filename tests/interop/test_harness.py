@@ -203,6 +203,7 @@ def test_the_registered_model_loads_the_checkpoint_and_its_model_args_win(lm_eva
     from tiny_decoder.harness import register
 
     register()
+    assert get_model("dummy").__name__ == "DummyLM"  # lm_eval's own models are still there
     defaults = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}  # what lm_eval's command line passes
     lm = get_model("tiny_decoder").create_from_arg_string(f"ckpt={checkpoint},batch_size=4,device=cpu", defaults)
     assert lm.batch_size == 4 and lm.device == torch.device("cpu") and lm.prepend_eot
