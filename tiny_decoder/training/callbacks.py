@@ -406,17 +406,28 @@ class ResumableLoader(DataLoader):
         self,
         dataset: Any,
         *,
-        shuffle: bool,
-        batch_size: int,
-        drop_last: bool,
+        shuffle: bool = False,
+        batch_size: int | None = 1,
+        drop_last: bool = False,
         seed: int = 0,
         epoch_fn: Callable[[], int] | None = None,
+        sampler: Any = None,
+        batch_sampler: Any = None,
+        generator: torch.Generator | None = None,
         **kwargs: Any,
     ):
-        generator = torch.Generator() if shuffle else None
-        sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-        batches = SkippingBatchSampler(sampler, batch_size, drop_last)
-        super().__init__(dataset, batch_sampler=batches, generator=generator, **kwargs)
+        # Lightning re-creates the loader under DDP with its DistributedSampler: as a new batch sampler of this
+        # class over it (then shuffle / batch_size / drop_last come as their defaults), or as the sampler alone
+        if batch_sampler is None:
+            if sampler is None:
+                generator = torch.Generator() if shuffle else None
+                sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+            batch_sampler = SkippingBatchSampler(sampler, batch_size or 1, drop_last)
+        if not isinstance(batch_sampler, SkippingBatchSampler):
+            batch_sampler = SkippingBatchSampler(
+                batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
+            )
+        super().__init__(dataset, batch_sampler=batch_sampler, generator=generator, **kwargs)
         self.seed = seed
         self.epoch_fn = epoch_fn
         self.epoch = 0
