@@ -100,6 +100,7 @@ def table_values(stdout: str) -> dict[str, float]:
     return {row[0]: float(row[1]) for row in rows if len(row) == 2 and "/" in row[0]}
 
 
+@pytest.mark.slow  # processes / compilation: tens of seconds (CI runs -m slow too)
 def test_train_generate_evaluate_from_the_command_line(tmp_path):
     train_file, valid_file, lambada = require(TRAIN_FILE), require(VALID_FILE), require(LAMBADA_FILE)
     env = {

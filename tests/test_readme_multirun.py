@@ -48,6 +48,7 @@ def test_the_readme_has_the_multirun_commands_this_file_runs() -> None:
     assert any(word.startswith("hparams_search=") for words in LOCAL for word in words)
 
 
+@pytest.mark.slow  # processes / compilation: tens of seconds (CI runs -m slow too)
 @pytest.mark.parametrize("words", LOCAL, ids=[" ".join(words[3:]) for words in LOCAL])
 def test_readme_multirun_runs_as_written(words: list[str], tmp_path: Path) -> None:
     optuna = any(word.startswith("hparams_search=") for word in words)

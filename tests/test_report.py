@@ -137,6 +137,7 @@ def test_bad_directories_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "not a multirun directory" in errors and "no such directory" in errors
 
 
+@pytest.mark.slow  # processes / compilation: tens of seconds (CI runs -m slow too)
 def test_real_multirun(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -118,6 +118,7 @@ def test_tokenizer_bin_holds_each_tokens_bytes_and_reads_back(tmp_path, tokenize
     assert (max_length, read_pieces, read_scores) == (max(map(len, pieces)), pieces, scores)
 
 
+@pytest.mark.slow  # processes / compilation: tens of seconds (CI runs -m slow too)
 def test_export_and_convert_commands_round_trip(tmp_path, tokenizer):
     from tests.helpers import run_module
 

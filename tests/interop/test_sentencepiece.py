@@ -45,6 +45,7 @@ def test_encodes_and_decodes_exactly_as_sentencepiece(tmp_path, extra_spaces):
     assert special_piece(path, "bos") == "<s>" and ours.token_to_id("<s>") == reference.bos_id()
 
 
+@pytest.mark.slow  # processes / compilation: tens of seconds (CI runs -m slow too)
 def test_llama2c_checkpoint_converts_into_a_story_model(tmp_path):
     path = train_spm(tmp_path)
     state = llama2c_state(n_layers=1, dim=32, hidden=64, n_heads=4, n_kv_heads=2, vocab=400)

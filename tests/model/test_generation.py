@@ -187,6 +187,7 @@ def test_compiled_decoding_falls_back_to_eager_for_attentions_without_a_static_c
     assert "cannot use a static KV cache" in caplog.text
 
 
+@pytest.mark.slow  # processes / compilation: tens of seconds (CI runs -m slow too)
 def test_generate_compile_flag_continues_like_eager():
     """``python -m tiny_decoder.generate ... compile=true`` (the task's generate_outputs) gives the eager output."""
     from tiny_decoder.tasks.base import GenerationRequest
