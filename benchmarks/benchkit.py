@@ -24,6 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tiny_decoder.model import ModelConfig
+from tiny_decoder.training.throughput import matmul_seconds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
@@ -100,13 +101,7 @@ def matmul_flops(dtype: torch.dtype, size: int = 2048, seconds: float = 2.0) -> 
     """Measured FLOP/s of a ``size`` x ``size`` matrix product in ``dtype`` on this machine over ``seconds`` of
     back-to-back products: the median (a sustained rate, like the training figures it is compared with) and
     the best single product."""
-    a = torch.randn(size, size, device=device()).to(dtype)
-    b = torch.randn(size, size, device=device()).to(dtype)
-    for _ in range(3):
-        a @ b
-    times, deadline = [], time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 5:
-        times += timed(lambda: a @ b, 1)
+    times = matmul_seconds(dtype, size, seconds, device().type, minimum=5)
     return 2 * size**3 / median(times), 2 * size**3 / min(times)
 
 

@@ -46,19 +46,35 @@ def training_flops(pl_module: L.LightningModule, batch: Any, training: bool = Tr
     return per_token * batch_size * length * (TRAINING_FLOPS_FACTOR if training else 1)
 
 
+def matmul_seconds(
+    dtype: torch.dtype, size: int, seconds: float, device_type: str = "cpu", minimum: int = 3
+) -> list[float]:
+    """Wall seconds of each back-to-back ``size`` x ``size`` matmul in ``dtype`` over ``seconds`` (at least
+    ``minimum`` of them, after three warm-up products), sorted; queued GPU work is waited for."""
+    a = torch.randn(size, size, device=device_type).to(dtype)
+    b = torch.randn(size, size, device=device_type).to(dtype)
+
+    def synchronize() -> None:
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        a @ b
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < minimum:
+        synchronize()
+        started = time.perf_counter()
+        a @ b
+        synchronize()
+        times.append(time.perf_counter() - started)
+    return sorted(times)
+
+
 @functools.cache
 def measured_matmul_flops(dtype: torch.dtype, device_type: str = "cpu") -> float:
     """Sustained FLOP/s of back-to-back PEAK_MATMUL_SIZE square matmuls in ``dtype`` (median of ~0.3 s)."""
-    a = torch.randn(PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE, device=device_type).to(dtype)
-    b = torch.randn(PEAK_MATMUL_SIZE, PEAK_MATMUL_SIZE, device=device_type).to(dtype)
-    a @ b  # warm-up
-    times: list[float] = []
-    deadline = time.perf_counter() + PEAK_MATMUL_SECONDS
-    while time.perf_counter() < deadline or len(times) < 3:
-        started = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - started)
-    times.sort()
+    times = matmul_seconds(dtype, PEAK_MATMUL_SIZE, PEAK_MATMUL_SECONDS, device_type)
     return 2 * PEAK_MATMUL_SIZE**3 / times[len(times) // 2]
 
 
