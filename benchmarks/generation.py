@@ -11,11 +11,14 @@ count (``tiny_decoder.model.generation.generate``):
 - ``fast``: the default (the fast eager step, the model's fp32 numerics); ``bf16`` / ``int8``: the same step
   with ``weights=bf16`` / ``weights=int8`` (opt-in, numerics change);
 - ``cached``: the eager KV cache through the model's modules (``fast=False``);
-- ``compiled``: the static KV cache and the compiled one-token step (``compile=True``), its compilation timed
-  apart (``warmup_s``, the first call; a second process finds inductor's on-disk caches);
+- ``compiled`` / ``compiled_bf16`` / ``compiled_int8``: the fast step's one-token steps as the AOTInductor program
+  (``compile=True``, :mod:`tiny_decoder.model.compiled_step`), in each weight format; its compilation or loading
+  is the mode's ``warmup_s`` (the first process of a shape compiles, later ones load the program from
+  ``$TINY_DECODER_CACHE``: run the script twice, or point it at an empty folder, to see both);
 - ``recompute``: no cache (``use_cache=False``).
 
-``warmup_s`` of every mode is its first call (2 tokens), what a user waits for before the first token.
+``warmup_s`` of every mode is its first call (2 tokens) at each thread count (a compiled program is made for one
+thread count), what a user waits for before the first token.
 
 llama2.c: with ``--llama2c DIR`` (or ``LLAMA2C_DIR``), a checkout of karpathy/llama2.c, the script compiles
 ``DIR/run.c`` into a temporary folder (``gcc -Ofast`` for one thread; its Makefile's ``runomp`` flags,
@@ -30,12 +33,15 @@ The runs of all modes and of ``run.c`` are interleaved, ``--repeats`` rounds, me
 step (fp32, bf16, int8) against Hugging Face ``generate()`` of the same model exported by
 ``tiny_decoder.interop.hf.to_hf`` (fp32), on ``--hf-threads`` threads. One JSON line per measurement, then tables.
 
-``--quality CKPT``: instead, the opt-in formats' agreement with fp32 on a trained language model (``quality``).
+``--quality CKPT``: instead, the opt-in formats' agreement with fp32 on a trained language model (``quality``);
+with ``--quality-text FILE`` also each format's bits per byte on the first ``--quality-blocks`` context blocks of
+that story file, teacher-forced through the decoding step (``validation_bits_per_byte``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import statistics
@@ -56,9 +62,11 @@ MODES: dict[str, dict[str, Any]] = {
     "int8": {"weights": "int8"},
     "cached": {"fast": False},
     "compiled": {"compile": True},
+    "compiled_bf16": {"compile": True, "weights": "bf16"},
+    "compiled_int8": {"compile": True, "weights": "int8"},
     "recompute": {"use_cache": False},
 }
-DEFAULT_MODES = ["fast", "bf16", "int8", "cached"]
+DEFAULT_MODES = ["fast", "bf16", "int8", "compiled", "compiled_bf16", "compiled_int8", "cached"]
 RUN_C_RATE = re.compile(r"achieved tok/s: ([0-9.]+)")
 
 
@@ -135,9 +143,11 @@ def warm_up(model: DecoderTransformer, prompt: torch.Tensor, modes: list[str]) -
 
 
 def interleaved(model: DecoderTransformer, args: argparse.Namespace, threads: int, run_c: RunC | None) -> dict:
-    """Median tokens/s of every mode (and run.c) over ``--repeats`` interleaved rounds at ``threads``."""
+    """Median tokens/s of every mode (and run.c) over ``--repeats`` interleaved rounds at ``threads``, and each
+    mode's warm-up (``<mode>_warmup_s``)."""
     torch.set_num_threads(threads)
     prompt = torch.zeros(args.batch, 1, dtype=torch.long, device=device())
+    warmup = warm_up(model, prompt, args.modes)
     rates: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for mode in args.modes:
@@ -145,7 +155,8 @@ def interleaved(model: DecoderTransformer, args: argparse.Namespace, threads: in
             rates.setdefault(mode, []).append(args.batch * args.new / seconds)
         if run_c is not None and args.batch == 1:
             rates.setdefault("run_c", []).append(run_c.tokens_per_second(threads))
-    return {name: statistics.median(values) for name, values in rates.items()}
+    medians: dict[str, float] = {name: statistics.median(values) for name, values in rates.items()}
+    return medians | {f"{mode}_warmup_s": seconds for mode, seconds in warmup.items()}
 
 
 def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +167,7 @@ def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[s
     hf_model = to_hf(model).to(device()).eval()
     prompt = torch.ones(args.hf_batch, 1, dtype=torch.long, device=device())
     tokens = args.hf_batch * args.new
-    ours = {name: MODES[name] for name in ("fast", "bf16", "int8")}
+    ours = {name: MODES[name] for name in ("fast", "bf16", "int8", "compiled", "compiled_bf16", "compiled_int8")}
 
     def theirs(new: int) -> None:
         hf_model.generate(prompt, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=new, min_new_tokens=new,
@@ -222,6 +233,58 @@ def quality(checkpoint: str, new: int) -> list[dict[str, Any]]:
     return rows
 
 
+def text_blocks(task, path: str, blocks: int, context: int) -> tuple[torch.Tensor, int]:
+    """The first ``blocks`` full ``context``-token blocks of the stories in ``path`` (``<|endoftext|>`` between
+    them, as training packs them) and the UTF-8 bytes of the text their predicted tokens (all but each block's
+    first) stand for."""
+    ids: list[int] = []
+    for story in Path(path).read_text(encoding="utf-8").split("<|endoftext|>"):
+        if story.strip():
+            ids += [task.eot_id, *task.encode(story.strip())]
+        if len(ids) >= blocks * context:
+            break
+    if len(ids) < blocks * context:
+        raise SystemExit(f"error: {path} holds fewer than {blocks} blocks of {context} tokens")
+    tokens = torch.tensor(ids[: blocks * context]).view(blocks, context)
+    predicted_bytes = sum(len(task.tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in tokens)
+    return tokens, predicted_bytes
+
+
+def validation_bits_per_byte(checkpoint: str, path: str, blocks: int) -> list[dict[str, Any]]:
+    """Bits per byte of ``blocks`` validation blocks teacher-forced through the decoding step (one token at a
+    time through the KV cache, all blocks as one batch), in each weight format: the change the opt-in formats
+    make to the validation score, measured on the path that decodes."""
+    from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
+    from tiny_decoder.tasks import load_task
+
+    task = load_task(checkpoint)
+    model = task.model.eval()
+    tokens, predicted_bytes = text_blocks(task, path, blocks, model.config.context_length)
+    bits = {}
+    for weights in ("model", "bf16", "int8"):
+        decoder = FastDecoder(PREPARED_WEIGHTS.get(model, weights), tokens.shape[0])
+        nats = 0.0
+        with torch.inference_mode():
+            for n in range(tokens.shape[1] - 1):
+                logits = decoder(tokens[:, n : n + 1]).float().log_softmax(-1)
+                nats -= float(logits.gather(1, tokens[:, n + 1 : n + 2]).sum())
+        bits[weights] = nats / math.log(2) / predicted_bytes
+    return [
+        emit(
+            {
+                "benchmark": "generation_validation_bpb",
+                "checkpoint": Path(checkpoint).name,
+                "weights": weights,
+                "blocks": blocks,
+                "predicted_tokens": tokens[:, 1:].numel(),
+                "bits_per_byte": round(value, 5),
+                "change_vs_fp32": round(value - bits["model"], 5),
+            }
+        )  # fmt: skip
+        for weights, value in bits.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="stories15m")
@@ -237,25 +300,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hf-threads", type=int, default=1, help="threads of the batched comparison")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, measures nothing")
     parser.add_argument("--quality", metavar="CKPT", help="only: bf16 / int8 agreement with fp32 on this checkpoint")
+    parser.add_argument(
+        "--quality-text",
+        metavar="FILE",
+        help="with --quality: also the validation bits per byte "
+        "of each format on the first --quality-blocks context blocks of this story file",
+    )
+    parser.add_argument("--quality-blocks", type=int, default=32)
     args = parser.parse_args(argv)
     emit({"benchmark": "machine", **machine()})
     if args.quality:
-        return quality(args.quality, args.new)
+        rows = quality(args.quality, args.new)
+        if args.quality_text:
+            rows += validation_bits_per_byte(args.quality, args.quality_text, args.quality_blocks)
+        return rows
     model = build_model(args.experiment, list(SMOKE_OVERRIDES) if args.smoke else [])
     source = llama2c_source(args.llama2c)
     run_c = RunC(source, model) if source is not None and not args.smoke else None
-    torch.set_num_threads(args.threads[0])
-    warmup = warm_up(model, torch.zeros(args.batch, 1, dtype=torch.long, device=device()), args.modes)
     rows = []
     for threads in args.threads:
-        rates = interleaved(model, args, threads, run_c)
+        measured = interleaved(model, args, threads, run_c)
+        rates = {name: value for name, value in measured.items() if not name.endswith("_warmup_s")}
         row: dict[str, Any] = {"benchmark": "generation", "experiment": args.experiment, "batch": args.batch,
                                "new_tokens": args.new, "threads": threads,
                                "parameters": model.num_parameters()}  # fmt: skip
         row.update({f"{name}_tokens_per_s": round(rate, 1) for name, rate in rates.items()})
         if "run_c" in rates:
             row.update({f"{mode}_over_run_c": round(rates[mode] / rates["run_c"], 2) for mode in args.modes})
-        row.update({f"{mode}_warmup_s": seconds for mode, seconds in warmup.items()})
+        row.update({name: value for name, value in measured.items() if name.endswith("_warmup_s")})
         rows.append(emit(row))
     if args.hf:
         torch.set_num_threads(args.hf_threads)

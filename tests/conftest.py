@@ -19,6 +19,21 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def compiled_step_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled decoding programs (``compile=true``) go to a folder of this session, not the user's cache: each
+    session compiles what it uses (the tests of the on-disk cache see their own compilations), and subprocesses
+    inherit the folder."""
+    folder = tmp_path_factory.mktemp("compiled_step_cache")
+    previous = os.environ.get("TINY_DECODER_CACHE")
+    os.environ["TINY_DECODER_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("TINY_DECODER_CACHE", None)
+    else:
+        os.environ["TINY_DECODER_CACHE"] = previous
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

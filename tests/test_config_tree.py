@@ -139,7 +139,8 @@ def test_tools_run_in_place_and_log_warnings_to_the_console_only(hydra_conf, too
     logging = hydra.job_logging
     assert logging.root.level == "WARN" and list(logging.root.handlers) == ["console"]
     assert logging.handlers.file.delay is True  # defined, attached to no logger, never opens <tool>.log
-    stream = "ext://sys.stderr" if tool == "evaluate" else "ext://sys.stdout"  # evaluate's stdout is its table
+    # evaluate's stdout is its table, generate's the generated text: their warnings go to stderr
+    stream = "ext://sys.stderr" if tool in ("evaluate", "generate") else "ext://sys.stdout"
     assert logging.handlers.console.stream == stream
 
 

@@ -40,12 +40,19 @@ def test_a_default_run_shows_what_a_user_needs_and_logs_the_rest(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_compiled_generation_prints_its_speed_and_no_autotune_report(tmp_path: Path) -> None:
+def test_compiled_generation_prints_its_speed_and_no_autotune_report(tmp_path: Path, monkeypatch) -> None:
     checkpoint = REPO_ROOT / "tests" / "fixtures" / "v1_lm.ckpt"
+    """The first run of a shape says it compiles (once, and where the program goes); the second loads it quietly
+    and prints the same text."""
     args = [f"ckpt={checkpoint}", "prompt=Once upon a time", "max_new_tokens=8", "compile=true"]
-    result = run_module("tiny_decoder.generate", *args, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("Once upon a time")
-    assert "AUTOTUNE" not in result.stderr and "Warning" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("compiling the decoding step") and "new tokens/s" in lines[-1] and len(lines) == 2
+    monkeypatch.setenv("TINY_DECODER_CACHE", str(tmp_path / "cache"))
+    first, second = (run_module("tiny_decoder.generate", *args, timeout=600, cwd=tmp_path) for _ in "12")
+    for result in (first, second):
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.startswith("Once upon a time")
+        assert "AUTOTUNE" not in result.stderr and "Warning" not in result.stderr
+    assert second.stdout == first.stdout
+    lines = first.stderr.strip().splitlines()
+    assert "compiling the decoding step for this model shape, once" in lines[0] and str(tmp_path / "cache") in lines[0]
+    assert "new tokens/s" in lines[-1] and len(lines) == 2
+    assert len(second.stderr.strip().splitlines()) == 1 and "new tokens/s" in second.stderr

@@ -25,8 +25,6 @@ def generate_from_checkpoint(cfg: DictConfig) -> list[str]:
     torch.manual_seed(cfg.seed)
     task = load_task(cfg.ckpt, map_location=cfg.device)
     request = typed_request(cfg, GenerationRequest)
-    if request.compile:
-        print("compiling the decoding step (1-5 minutes on a 2-core CPU, every run) ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     outputs = task.generate_outputs(request)
     seconds = time.perf_counter() - started

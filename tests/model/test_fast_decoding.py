@@ -157,11 +157,13 @@ def test_low_precision_weights_stay_close_to_fp32(weights, max_error, min_agreem
     assert float((low.argmax(-1) == reference.argmax(-1)).float().mean()) >= min_agreement
 
 
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
-def test_low_precision_cached_decoding_equals_its_own_recomputation(weights):
+@pytest.mark.parametrize(("weights", "tolerance"), [("bf16", 1e-2), ("int8", 2e-3)])
+def test_low_precision_cached_decoding_equals_its_own_recomputation(weights, tolerance):
     """KV-cache decoding in a low-precision format: each step's logits are what the same format gives encoding
-    the whole sequence at once (the cache adds no error of its own), and greedy tokens past the context match
-    the window re-encoded every step."""
+    the whole sequence at once (the cache adds no error of its own beyond its dtype: bf16 caches and attention
+    differ by up to one bfloat16 step of the logits, 2^-7 at |logit| in [1, 2), between the one-token and the
+    whole-sequence attention kernels), and greedy tokens past the context match the window re-encoded every
+    step."""
     model = model_of("llama", init_std=0.05)
     tokens = prompt_of(2, 16)
     prepared = PREPARED_WEIGHTS.get(model, weights)
@@ -171,7 +173,7 @@ def test_low_precision_cached_decoding_equals_its_own_recomputation(weights):
         steps = [incremental(tokens[:, n : n + 1]) for n in range(4, 16)]
         for n, logits in zip(range(5, 17), steps, strict=True):
             whole = FastDecoder(prepared, batch_size=2)(tokens[:, :n])
-            torch.testing.assert_close(logits, whole, atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(logits, whole, atol=tolerance, rtol=tolerance)
     decoded = generate(model, tokens[:, :4], 40, weights=weights)
     assert decoded.shape == (2, 44)
 

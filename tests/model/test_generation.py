@@ -145,13 +145,14 @@ def test_generate_restores_training_mode():
 
 @pytest.mark.slow  # torch.compile: tens of seconds (the default suite keeps test_generate_compile_flag_*)
 def test_compiled_decoding_equals_eager_and_follows_weight_changes():
-    """The compiled static-cache step (weights frozen into the graph) decodes like the eager cache, for two
-    models in turn, and recompiles after the weights change in place (stale frozen weights would not)."""
+    """The compiled static-cache step of the module path (``fast=False``: weights frozen into the graph) decodes
+    like the eager cache, for two models in turn, and recompiles after the weights change in place (stale frozen
+    weights would not). (The fast step's compiled program: tests/model/test_compiled_step.py.)"""
     first, second = lm_sized_model("rope"), lm_sized_model("learned")
     prompt = torch.randint(0, 512, (2, 5), generator=torch.Generator().manual_seed(3))
     for model in (first, second, first):
         eager = generate(model, prompt, 40, temperature=0.0)  # 45 > context 32: the last steps recompute
-        assert torch.equal(generate(model, prompt, 40, temperature=0.0, compile=True), eager)
+        assert torch.equal(generate(model, prompt, 40, temperature=0.0, compile=True, fast=False), eager)
     before = generate(first, prompt, 40)
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(7)
@@ -159,7 +160,7 @@ def test_compiled_decoding_equals_eager_and_follows_weight_changes():
             parameter.copy_(torch.randn_like(parameter) * 0.3)  # in place: same tensors, new values
     after = generate(first, prompt, 40)
     assert not torch.equal(after[:, 6:], before[:, 6:])  # stale frozen weights would repeat `before`
-    assert torch.equal(generate(first, prompt, 40, compile=True), after)
+    assert torch.equal(generate(first, prompt, 40, compile=True, fast=False), after)
 
 
 @pytest.mark.slow  # torch.compile: tens of seconds (the default suite keeps test_generate_compile_flag_*)
@@ -169,12 +170,12 @@ def test_compiled_decoding_compiles_once_per_model_and_batch_shape():
     from torch._dynamo.utils import counters
 
     model = lm_sized_model("rope")
-    generate(model, torch.zeros(1, 2, dtype=torch.long), 3, compile=True)
+    generate(model, torch.zeros(1, 2, dtype=torch.long), 3, compile=True, fast=False)
     compiled = counters["stats"]["unique_graphs"]
     for prompt_length, new_tokens in ((1, 7), (4, 20), (9, 30)):
-        generate(model, torch.ones(1, prompt_length, dtype=torch.long), new_tokens, compile=True)
+        generate(model, torch.ones(1, prompt_length, dtype=torch.long), new_tokens, compile=True, fast=False)
     assert counters["stats"]["unique_graphs"] == compiled
-    generate(model, torch.ones(2, 3, dtype=torch.long), 5, compile=True)  # a new batch size: one new graph
+    generate(model, torch.ones(2, 3, dtype=torch.long), 5, compile=True, fast=False)  # a new batch: one graph
     assert counters["stats"]["unique_graphs"] == compiled + 1
 
 

@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
+from tiny_decoder.core.cache_dir import default_cache_dir
 from tiny_decoder.core.checks import check, is_positive_int
 from tiny_decoder.core.errors import ConfigError
 from tiny_decoder.data import text_formats, token_cache
@@ -94,7 +95,7 @@ class TextDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         check("data.num_proc", num_proc, lambda n: n is None or is_positive_int(n), "null (the cores) or >= 1")
         self.num_proc = num_proc
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir else token_cache.default_cache_dir()
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer_path = Path(tokenizer_path).expanduser() if tokenizer_path else None
         self.max_train_docs = max_train_docs
         self.max_val_blocks = max_val_blocks

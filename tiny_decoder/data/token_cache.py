@@ -37,8 +37,6 @@ from tiny_decoder.data.token_stream import TokenFileWriter, available_cores, enc
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: streamed, raw uint16 / uint32 .bin files
-CACHE_ENV_VAR = "TINY_DECODER_CACHE"
-DEFAULT_CACHE_DIR = "~/.cache/tiny_decoder"
 META_FILE = "meta.json"
 TMP_MARK = ".tmp-"
 KEY_CHARS = 16
@@ -47,11 +45,6 @@ BYTES_PER_TOKEN_GUESS = 2  # the token file's first allocation: bytes of text / 
 
 
 # ----------------------------------------------------------------------------- keys
-
-
-def default_cache_dir() -> Path:
-    """`$TINY_DECODER_CACHE` if set, else ~/.cache/tiny_decoder."""
-    return Path(os.environ.get(CACHE_ENV_VAR, DEFAULT_CACHE_DIR)).expanduser()
 
 
 def _digest(obj: object) -> str:

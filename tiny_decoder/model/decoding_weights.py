@@ -7,11 +7,14 @@ One entry per ``weights=`` choice of :func:`tiny_decoder.model.generation.genera
   ``torch.mm`` / ``torch.addmm`` (the residual add fused in). Same numerics as ``nn.Linear`` up to the
   summation order. At batch 1 on a CPU this is measured ~1.4x faster than ``F.linear``'s ``x @ W.t()``
   (``benchmarks/generation.py``); it holds a second copy of the matrices (the model's stay untouched).
-* ``bf16`` (opt-in, changes numerics): bfloat16 weights, the matrix products' inputs cast to bfloat16 (the
-  residual stream, norms, rotary, KV cache and attention stay in the model's dtype); on a CPU with oneDNN the weights
-  are prepacked for its bf16 kernels (AVX-512 BF16 where the CPU has it), elsewhere ``F.linear``.
+* ``bf16`` (opt-in, changes numerics): bfloat16 weights, the matrix products' inputs cast to bfloat16, and a
+  bfloat16 KV cache with attention in bfloat16 (half the bytes a step reads from the cache: attention is most of
+  a step at batch 32); the residual stream, norms and rotary stay in the model's dtype. On a CPU with oneDNN the weights
+  are prepacked for its bf16 kernels (AVX-512 BF16 / AMX where the CPU has it), elsewhere (and in the compiled
+  step, whose compiler takes plain tensors only: ``portable``) ``F.linear``.
 * ``int8`` (opt-in, changes numerics): int8 weights with one scale per output row (symmetric, absmax / 127),
-  bfloat16 inputs to the products (as ``bf16``), through torch's own weight-only kernel
+  bfloat16 inputs to the products (as ``bf16``; the KV cache and attention stay in the model's dtype), through
+  torch's own weight-only kernel
   ``aten._weight_int8pack_mm`` (a CPU kernel; torchao's int8 weight-only CPU path calls the same op). A
   quarter of the fp32 weight bytes, which is what bounds decoding at small sizes.
 
@@ -147,11 +150,19 @@ class WeightFormat:
 
     name = "model"
 
+    def __init__(self, portable: bool = False):
+        # portable: only kernels of plain tensors that a compiler can take (:mod:`~tiny_decoder.model.compiled_step`)
+        self.portable = portable
+
     def kernel_type(self, device: torch.device) -> KernelFactory:
         return TransposedKernel
 
     def check(self, device: torch.device) -> None:
         """Raise a one-line ConfigError if this format cannot run on ``device``."""
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype, in which attention runs (the model's, except for ``bf16``)."""
+        return model_dtype
 
     def kernel(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> Kernel:
         return self.kernel_type(weight.device)(weight, bias, dtype)
@@ -167,12 +178,15 @@ class ModelWeights(WeightFormat):
 
 @WEIGHT_FORMATS.register("bf16")
 class BF16Weights(WeightFormat):
-    """bfloat16 weights and activations (opt-in)."""
+    """bfloat16 weights, activations of the products, KV cache and attention (opt-in)."""
 
     name = "bf16"
 
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.bfloat16
+
     def kernel_type(self, device: torch.device) -> KernelFactory:
-        if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        if device.type == "cpu" and torch.backends.mkldnn.is_available() and not self.portable:
             return OneDNNKernel
         return LinearKernel
 
@@ -192,6 +206,6 @@ class Int8Weights(WeightFormat):
                               "use weights=bf16 or weights=model there")  # fmt: skip
 
 
-def weight_format(name: str) -> WeightFormat:
+def weight_format(name: str, portable: bool = False) -> WeightFormat:
     """The :class:`WeightFormat` registered as ``name`` (an unknown name: one line listing the choices)."""
-    return WEIGHT_FORMATS.get(name)()
+    return WEIGHT_FORMATS.get(name)(portable)

@@ -5,16 +5,20 @@ and by reading the weights, not by arithmetic. The module path (``model(ids, cac
 Python and in small ops (nn.Module calls, rotary's chunk / cat, separate gate / up projections, cache appends,
 residual adds). :class:`FastDecoder` computes the same function from flat tensors, eagerly, no compilation:
 
-* per layer ``norm -> qkv (one mm) -> rotary (one complex multiply, in place, on q and k together) -> one cache
-  write of k and v -> SDPA -> out-projection with the residual added in (addmm) -> norm -> gate and up in one
-  mm -> act * up -> down-projection + residual (addmm)``; logits only for the last position;
+* per layer ``norm -> qkv (one mm) -> rotary (one complex multiply, in place, on q and k together) -> k and v
+  written into the cache -> attention -> out-projection with the residual added in (addmm) -> norm -> gate and
+  up in one mm -> act * up -> down-projection + residual (addmm)``; logits only for the last position;
 * q / k rows permuted per head from the rotate-half layout to interleaved pairs, so rotary is a complex
   multiply; the cached keys are in that order too (a dot product does not depend on the order of its terms,
   so the attention scores are unchanged);
-* one-token steps run as a TorchScript trace of the same calls (:func:`traced_step`: no Python between the aten
-  calls; traced in ~0.05 s on first use, one trace per batch size and attention bucket of 64 cache slots, the
-  slots past the position masked); prompts and formats whose weights cannot be trace constants (oneDNN's packed
-  bf16) run eagerly;
+* the cache of a layer is a ``(B, H, context, D)`` tensor of keys and one of values (:class:`FastDecoder`);
+* one-token steps at batch sizes below ``EAGER_FROM_BATCH`` run as a TorchScript trace of the same calls
+  (:func:`traced_step`: no Python between the aten calls; traced in ~0.05 s on first use, one trace per batch
+  size and attention bucket of 64 cache slots, the slots past the position masked, attention as two batched
+  products); prompts, larger batches (attention over exactly the cached slots) and formats whose weights cannot
+  be trace constants (oneDNN's packed bf16) run eagerly;
+* ``compile=True`` (:mod:`~tiny_decoder.model.compiled_step`) runs the same one-token function,
+  :func:`one_token_logits`, as a compiled program instead of the trace;
 * the matrices in a :mod:`~tiny_decoder.model.decoding_weights` format (``weights=model`` by default: same
   numerics as the module path up to summation order; ``bf16`` / ``int8`` opt-in).
 
@@ -28,7 +32,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -104,13 +108,16 @@ class Norm:
         self.eps, self.shape = eps, tuple(norm.normalized_shape)
         self.rms = isinstance(norm, nn.RMSNorm)
         self.eps_tensor = torch.full((1, 1, 1), eps, dtype=dtype, device=device)
+        self.inv_dim = 1 / self.shape[-1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rms:
             return F.layer_norm(x, self.shape, None, None, self.eps)
-        rows, dim = x.shape
-        mean_square = torch.baddbmm(self.eps_tensor, x.view(rows, 1, dim), x.view(rows, dim, 1), alpha=1 / dim)
-        return x * mean_square.view(rows, 1).rsqrt_()
+        if torch.compiler.is_compiling():  # a reduction the compiler fuses with the scaling (not a BLAS call)
+            return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps_tensor.view(1, 1))
+        # no Python arithmetic on x's shape: a traced step would record it as tensor ops (~10 us a norm)
+        mean_square = torch.baddbmm(self.eps_tensor, x.unsqueeze(1), x.unsqueeze(2), alpha=self.inv_dim)
+        return x * mean_square.squeeze(2).rsqrt_()
 
 
 def folded_linear(
@@ -137,6 +144,7 @@ class FastLayer:
     def __init__(self, block: Block, fmt: WeightFormat, dtype: torch.dtype, rotary: bool):
         attn = block.attn
         self.n_heads, self.head_dim = attn.n_heads, attn.head_dim
+        self.scale = self.head_dim**-0.5  # SDPA's default scale
         self.inner = attn.n_heads * attn.head_dim
         device = attn.qkv.weight.device
         weight, bias = folded_linear(block.norm_attn, attn.qkv.weight, attn.qkv.bias)
@@ -179,17 +187,16 @@ class PreparedWeights:
         fmt.check(device)
         self.format = fmt
         self.dtype = model.head.weight.dtype
+        self.cache_dtype = fmt.cache_dtype(self.dtype)  # the KV cache's and attention's
         config = model.config
         self.context = config.context_length
         self.embedding = model.embedding.weight.detach()
         positions = torch.arange(self.context, device=device)
-        self.rotary: torch.Tensor | None = None  # (context, head_dim / 2) complex: cos + i sin
+        self.rotary: torch.Tensor | None = None  # (context, head_dim / 2, 2): (cos, sin) pairs
         self.additive: torch.Tensor | None = None  # (context, d_model)
         if isinstance(model.positional, RotaryPositional):
             cos, sin = model.positional.rotary(positions)
-            self.rotary = torch.complex(cos, sin).to(
-                torch.complex128 if self.dtype == torch.float64 else torch.complex64
-            )
+            self.rotary = torch.stack([cos, sin], dim=-1).to(self.dtype).contiguous()
         else:
             table = model.positional.embed(positions)
             self.additive = None if table is None else table.detach().to(self.dtype)
@@ -202,87 +209,140 @@ class PreparedWeights:
         kernels = [self.head, *(k for layer in self.layers for k in (layer.qkv, layer.proj, layer.up, layer.down))]
         self.traceable = all(kernel.traceable for kernel in kernels)
         self.traced: dict[tuple[int, int], Callable] = {}  # (batch, keys) -> traced one-token step
+        self.compiled: dict[tuple[int, int], OneTokenProgram] = {}  # (batch, threads) -> compiled_step.compiled_step
 
 
 # the traced one-token step attends over the first multiple of this many cache slots that holds the position
 # (the later ones masked): one trace per bucket, ~0.05 s each, instead of one per position
 ATTENTION_BUCKET = 64
+# from this batch size on, one-token steps run eagerly over exactly the cached positions: the Python between
+# the ops is small beside the work, and a bucket's masked slots are not (measured at batch 32, stories15M shape)
+EAGER_FROM_BATCH = 8
+
+
+class CacheWindow:
+    """One layer's ``(B, H, context, D)`` key and value caches (a step writes its slot into them) and views of
+    their first ``keys`` slots as the ``(B*H, D, keys)`` / ``(B*H, keys, D)`` operands of its two batched products
+    (made once per bucket, so a traced step records no view ops for them)."""
+
+    def __init__(self, keys_cache: torch.Tensor, values_cache: torch.Tensor, keys: int):
+        batch, heads, context, head_dim = keys_cache.shape
+        self.keys, self.values = keys_cache, values_cache  # written whole (a step writes one slot < keys)
+        # the (contiguous) caches viewed 3-D first, then cut: no question of the cut's contiguity, which would pin
+        # a dynamic window size to the context under compilation
+        self.keys_t = keys_cache.view(batch * heads, context, head_dim)[:, :keys].transpose(1, 2)
+        self.values_3d = values_cache.view(batch * heads, context, head_dim)[:, :keys]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.keys, self.values, self.keys_t, self.values_3d
 
 
 def one_token_logits(
-    w: PreparedWeights, ids: torch.Tensor, position: torch.Tensor, caches: Sequence[torch.Tensor], keys: int
+    w: PreparedWeights, ids: torch.Tensor, position: torch.Tensor, windows: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """Logits ``(B, vocab)`` of one new token per row at ``position`` (a ``(1,)`` tensor), its q / k / v written into
-    slot ``position`` of each layer's ``(context, B, 3, H, D)`` cache, attention over the first ``keys`` slots with
-    the ones past ``position`` masked: the same computation as :meth:`FastDecoder.__call__` of one token, with no
-    Python-side position, so :func:`torch.jit.trace` records it once per ``(batch, keys)``."""
-    batch = ids.shape[0]
+    """Logits ``(B, vocab)`` of one new token per row at ``position`` (a ``(1,)`` tensor), its k / v written into
+    slot ``position`` of each layer's cache, attention over the window's slots with the ones past ``position``
+    masked (``windows``: each layer's :meth:`CacheWindow.tensors`, flat): the same computation as
+    :meth:`FastDecoder.__call__` of one token, with no Python-side position, so :func:`torch.jit.trace` records it
+    once per ``(batch, keys)``."""
     x = F.embedding(ids.reshape(-1), w.embedding)
     if w.additive is not None:
         x = x + w.additive.index_select(0, position)
-    rotary = None if w.rotary is None else w.rotary.index_select(0, position).view(1, 1, 1, 1, -1)
-    visible = (w.key_positions[:keys] <= position).view(1, keys)
-    for layer, cache in zip(w.layers, caches, strict=True):
-        qkv = layer.qkv(layer.norm_attn(x)).view(batch, 1, 3, layer.n_heads, layer.head_dim)
+    rotary = None if w.rotary is None else w.rotary.index_select(0, position)  # (1, D/2, 2): over q and k
+    keys, cache_dtype = windows[2].shape[2], windows[2].dtype
+    bias = torch.zeros(1, 1, keys, dtype=cache_dtype, device=x.device).masked_fill_(
+        (w.key_positions[:keys] > position).view(1, 1, keys), float("-inf")
+    )
+    for i, layer in enumerate(w.layers):
+        keys_window, values_window, keys_t, values_3d = windows[4 * i : 4 * i + 4]
+        qkv = layer.qkv(layer.norm_attn(x)).view(-1, 3, layer.n_heads, layer.head_dim)
         if rotary is not None:
             rotate_in_place(qkv, rotary)
-        cache.index_copy_(0, position, qkv.transpose(0, 1))
-        window = cache[:keys]
-        y = F.scaled_dot_product_attention(
-            qkv[:, :, 0].transpose(1, 2),
-            window[:, :, 1].permute(1, 2, 0, 3),
-            window[:, :, 2].permute(1, 2, 0, 3),
-            attn_mask=visible,
-        )
-        x = layer.proj.add_to(x, y.reshape(batch, layer.inner))
+        if cache_dtype != qkv.dtype:
+            qkv = qkv.to(cache_dtype)
+        keys_window.index_copy_(2, position, qkv[:, 1].unsqueeze(2))
+        values_window.index_copy_(2, position, qkv[:, 2].unsqueeze(2))
+        query = qkv[:, 0].reshape(-1, 1, layer.head_dim)  # (B*H, 1, D)
+        if torch.compiler.is_compiling():  # a bmm the compiler turns into a loop fused with the softmax
+            scores = torch.bmm(query, keys_t) * layer.scale + bias
+        else:
+            scores = torch.baddbmm(bias, query, keys_t, alpha=layer.scale)
+        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(cache_dtype)  # fp32 sums
+        y = torch.bmm(probabilities, values_3d)
+        x = layer.proj.add_to(x, y.view(-1, layer.inner))
         x = layer.feed_forward(x)
     return w.head(w.final_norm(x))
 
 
-def traced_step(w: PreparedWeights, ids: torch.Tensor, position: torch.Tensor, caches: list[torch.Tensor], keys: int):
+def traced_step(w: PreparedWeights, ids: torch.Tensor, position: torch.Tensor, windows: list[torch.Tensor]):
     """:func:`one_token_logits` as a TorchScript trace (built on first use, kept in ``w.traced``): the same aten
     calls without the Python interpreter between them (measured ~0.5 ms a token less at the stories15M shape)."""
-    key = (ids.shape[0], keys)
+    key = (ids.shape[0], windows[2].shape[2])  # (batch, keys)
     step = w.traced.get(key)
     if step is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
             step = torch.jit.trace(
-                lambda ids, position, *caches: one_token_logits(w, ids, position, caches, keys),
-                (ids, position, *caches),
+                lambda ids, position, *windows: one_token_logits(w, ids, position, windows),
+                (ids, position, *windows),
                 check_trace=False,
             )
         w.traced[key] = step
-    return step(ids, position, *caches)
+    return step(ids, position, *windows)
+
+
+class OneTokenProgram(Protocol):
+    """A compiled :func:`one_token_logits` (:class:`~tiny_decoder.model.compiled_step.CompiledStep`):
+    ``program(ids (B, 1), position (1,), keys, values) -> logits``, the caches written in place."""
+
+    def __call__(
+        self, ids: torch.Tensor, position: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]
+    ) -> torch.Tensor: ...
+
+    def check_caches(self, caches: Sequence[torch.Tensor]) -> None: ...
 
 
 class FastDecoder:
     """A KV cache plus :class:`PreparedWeights`: ``decoder(ids (B, T))`` appends T tokens and returns the last
     position's logits ``(B, vocab)``. :meth:`reset` empties the cache (the cropped window past the context).
 
-    The cache of a layer is ``(context, B, 3, H, D)``: a position's q, k and v side by side, written into its slot
-    with one copy (a prompt's) or one ``index_copy_`` (a traced one-token step) and rotated there in place;
-    attention reads keys and values through strided views of it.
+    Each layer caches keys and values as ``(B, H, context, D)`` tensors (zeros at first: the traced step reads
+    masked slots, which must not hold NaNs), so the keys of one head are contiguous (attention reads them in
+    one pass; a cache interleaving batch rows between positions was ~4x slower to attend over at batch 32).
+    A step writes its k / v into their slots (one copy each) after rotating q and k in place.
     """
 
-    def __init__(self, weights: PreparedWeights, batch_size: int, traced: bool = True):
+    def __init__(
+        self, weights: PreparedWeights, batch_size: int, traced: bool = True, program: OneTokenProgram | None = None
+    ):
         self.weights = weights
-        self.traced = traced and weights.traceable  # one-token steps through :func:`traced_step`
+        # one-token steps through :func:`traced_step`
+        self.traced = traced and weights.traceable and batch_size < EAGER_FROM_BATCH
         device = weights.embedding.device
         self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.caches = [  # zeros: the traced step reads masked slots, which must not hold NaNs
-            torch.zeros(
-                weights.context, batch_size, 3, layer.n_heads, layer.head_dim, device=device, dtype=weights.dtype
-            )
-            for layer in weights.layers
-        ]
-        # (B, H, context, D) views of the keys and values
-        self.keys = [cache[:, :, 1].permute(1, 2, 0, 3) for cache in self.caches]
-        self.values = [cache[:, :, 2].permute(1, 2, 0, 3) for cache in self.caches]
+        self.compiled = program  # one-token steps through a compiled program (compiled_step.compiled_step)
+        self.step_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # its contiguous input
+
+        def cache(layer: FastLayer) -> torch.Tensor:
+            shape = (batch_size, layer.n_heads, weights.context, layer.head_dim)
+            return torch.zeros(shape, device=device, dtype=weights.cache_dtype)
+
+        self.keys = [cache(layer) for layer in weights.layers]
+        self.values = [cache(layer) for layer in weights.layers]
+        if program is not None:
+            program.check_caches([*self.keys, *self.values])
+        self.windows: dict[int, list[torch.Tensor]] = {}  # bucket -> every layer's CacheWindow tensors, flat
         self.length = 0
 
     def reset(self) -> None:
         self.length = 0
+
+    def window_tensors(self, keys: int) -> list[torch.Tensor]:
+        if keys not in self.windows:
+            self.windows[keys] = [
+                t for k, v in zip(self.keys, self.values, strict=True) for t in CacheWindow(k, v, keys).tensors()
+            ]
+        return self.windows[keys]
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         w = self.weights
@@ -290,26 +350,33 @@ class FastDecoder:
         start, end = self.length, self.length + new
         if end > w.context:
             raise ValueError(f"the fast decoder holds {w.context} positions; appending would reach {end}")
+        if new == 1 and self.compiled is not None:
+            logits = self.compiled(self.step_ids.copy_(ids), self.position.fill_(start), self.keys, self.values)
+            self.length = end
+            return logits
         if new == 1 and self.traced:
             keys = min(w.context, -(-end // ATTENTION_BUCKET) * ATTENTION_BUCKET)
-            logits = traced_step(w, ids, self.position.fill_(start), self.caches, keys)
+            logits = traced_step(w, ids, self.position.fill_(start), self.window_tensors(keys))
             self.length = end
             return logits
         x = F.embedding(ids.reshape(-1), w.embedding)
         if w.additive is not None:
             x = (x.view(batch, new, -1) + w.additive[start:end]).view(batch * new, -1)
-        rotary = None if w.rotary is None else w.rotary[start:end].view(1, new, 1, 1, -1)
+        rotary = None if w.rotary is None else w.rotary[start:end].view(new, 1, 1, -1, 2)
         mask = None
         if new > 1 and start > 0:  # queries start..end-1 see keys 0..their own position
             mask = torch.ones(new, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
         for i, layer in enumerate(w.layers):
-            qkv = self._qkv(layer, self.caches[i], x, start, end)
+            qkv = layer.qkv(layer.norm_attn(x)).view(batch, new, 3, layer.n_heads, layer.head_dim)
             if rotary is not None:
                 rotate_in_place(qkv, rotary)
+            self.keys[i][:, :, start:end] = qkv[:, :, 1].transpose(1, 2)
+            self.values[i][:, :, start:end] = qkv[:, :, 2].transpose(1, 2)
             y = F.scaled_dot_product_attention(
-                qkv[:, :, 0].transpose(1, 2),
-                self.keys[i].narrow(2, 0, end),
-                self.values[i].narrow(2, 0, end),
+                # a strided query: ~20% slower at batch 32
+                qkv[:, :, 0].transpose(1, 2).to(w.cache_dtype, memory_format=torch.contiguous_format),
+                self.keys[i][:, :, :end],
+                self.values[i][:, :, :end],
                 attn_mask=mask,
                 is_causal=new > 1 and start == 0,
             )
@@ -319,23 +386,19 @@ class FastDecoder:
         last = x if new == 1 else x.view(batch, new, -1)[:, -1]
         return w.head(w.final_norm(last))
 
-    @staticmethod
-    def _qkv(layer: FastLayer, cache: torch.Tensor, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """This step's q, k, v written into the cache slots ``start:end``; returned as a ``(B, T, 3, H, D)`` view."""
-        slots = cache[start:end]
-        new, batch = slots.shape[:2]
-        h = layer.norm_attn(x)
-        if new == 1:
-            layer.qkv.into(h, slots.view(batch, -1))
-        else:
-            slots.copy_(layer.qkv(h).view(batch, new, 3, layer.n_heads, layer.head_dim).transpose(0, 1))
-        return slots.transpose(0, 1)
-
 
 def rotate_in_place(qkv: torch.Tensor, rotary: torch.Tensor) -> None:
-    """Rotate q and k of ``qkv (B, T, 3, H, D)`` (interleaved pairs) by ``rotary`` (complex ``cos + i sin``, ``(1,
-    T, 1, 1, D/2)``): one complex multiply on both, in place."""
-    torch.view_as_complex(qkv.unflatten(-1, (-1, 2)))[:, :, :2].mul_(rotary)
+    """Rotate q and k of ``qkv (..., 3, H, D)`` (interleaved pairs) by ``rotary`` (``(cos, sin)`` pairs ``(..., D/2,
+    2)`` broadcast from the right: ``(T, 1, 1, D/2, 2)`` for ``(B, T, 3, H, D)``), in place: eagerly one complex
+    multiply on both; under compilation (:mod:`~tiny_decoder.model.compiled_step`, whose compiler has no complex
+    arithmetic on a CPU) the same products written out in real numbers."""
+    pairs = qkv.unflatten(-1, (-1, 2))[..., :2, :, :, :]
+    if not torch.compiler.is_compiling():
+        torch.view_as_complex(pairs).mul_(torch.view_as_complex(rotary))
+        return
+    x, y = pairs[..., 0], pairs[..., 1]
+    cos, sin = rotary[..., 0], rotary[..., 1]
+    pairs.copy_(torch.stack([x * cos - y * sin, x * sin + y * cos], dim=-1))
 
 
 def weight_versions(model: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -350,13 +413,14 @@ class PreparedWeightsCache:
     def __init__(self):
         self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {format: (versions, w)}
 
-    def get(self, model: DecoderTransformer, weights: str) -> PreparedWeights:
+    def get(self, model: DecoderTransformer, weights: str, portable: bool = False) -> PreparedWeights:
+        """``portable``: kernels of plain tensors only (what :mod:`~tiny_decoder.model.compiled_step` compiles)."""
         versions = weight_versions(model)
         per_model = self.entries.setdefault(model, {})
-        hit = per_model.get(weights)
+        hit = per_model.get((weights, portable))
         if hit is None or hit[0] != versions:
-            hit = (versions, PreparedWeights(model, weight_format(weights)))
-            per_model[weights] = hit
+            hit = (versions, PreparedWeights(model, weight_format(weights, portable)))
+            per_model[(weights, portable)] = hit
         return hit[1]
 
 

@@ -12,12 +12,15 @@ Four ways to run a step (:func:`generate`'s ``use_cache`` / ``fast`` / ``compile
   model's numerics; ``bf16`` / ``int8`` opt-in, :mod:`~tiny_decoder.model.decoding_weights`); past the context
   it re-encodes the cropped window through the same step. Models it does not cover fall back to ``cached``;
 * cached (``fast=False``): a :class:`~tiny_decoder.model.cache.KVCache` through the model's own modules, eager;
-* compiled: a :class:`~tiny_decoder.model.cache.StaticKVCache` (fixed shapes) and a ``torch.compile``'d
-  one-token step with the weights frozen into the graph (inductor freezing, max-autotune GEMMs: on a CPU the
-  weights are prepacked for its matrix-vector kernels). The prompt is encoded eagerly; the first step of a
-  new model or batch shape compiles (tens of seconds on a CPU), later ones reuse it. At small sizes decoding
-  is bound by per-op overhead and weight reads, which is what the compiled step removes
-  (``benchmarks/generation.py``). If the weights change in place (training) the step is recompiled.
+* compiled (``compile=True``): on a CPU, the fast step with its one-token steps as one AOTInductor program
+  (:mod:`~tiny_decoder.model.compiled_step`: compiled once per model shape, weight format, batch size and thread
+  count, kept on disk, loaded in about a second by later runs; the fastest mode, ``benchmarks/RESULTS.md``).
+  Off a CPU, and for models the fast step does not cover (or with ``fast=False``): a
+  :class:`~tiny_decoder.model.cache.StaticKVCache` and a ``torch.compile``'d one-token step of the module path
+  with the weights frozen into the graph, compiled in every process and recompiled when the weights change in
+  place.
+
+Sampling draws from the softmax by inverse CDF (:func:`sample`), one uniform number per row.
 """
 
 from __future__ import annotations
@@ -68,8 +71,18 @@ def select_next_token(
         logits = filter_top_k(logits, top_k)
     if top_p is not None and top_p < 1.0:
         logits = filter_top_p(logits, top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sample(torch.softmax(logits, dim=-1), generator)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One id per row of ``probs (B, V)``, drawn with probability ``probs``: inverse-CDF sampling, one uniform
+    draw per row against the running sum (in float64) of the row. The same distribution as ``torch.multinomial``,
+    which draws an exponential per vocabulary entry (~2.5 ms a step at batch 32 x 4096 on a CPU core, against
+    ~0.2 ms). ``right=True`` never lands on a zero-probability entry (top-k / top-p filtered)."""
+    cumulative = probs.cumsum(dim=-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    ids = torch.searchsorted(cumulative, u * cumulative[:, -1:], right=True)
+    return ids.squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -123,10 +136,14 @@ def generate(
 
 
 def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool, fast: bool, weights: str) -> Step:
-    switches = {"use_cache=False": not use_cache, "compile=True": compile, "fast=False": not fast}
+    switches = {"use_cache=False": not use_cache, "fast=False": not fast}
     problem = ", ".join(name for name, on in switches.items() if on) or fast_decoding_problem(model)
+    if compile and problem is None and next(model.parameters()).device.type != "cpu":
+        problem = "compile=True off a CPU (there the compiled module step)"
     if weights != "model" and problem is not None:
-        raise ValueError(f"weights={weights} needs the fast decoding step (use_cache, fast, no compile): {problem}")
+        raise ValueError(f"weights={weights} needs the fast decoding step (use_cache, fast): {problem}")
+    if problem is None and compile:
+        return Fast(model, _compiled_fast_decoder(model, batch, weights))
     if problem is None:
         return Fast(model, FastDecoder(PREPARED_WEIGHTS.get(model, weights), batch))
     if not use_cache:
@@ -137,6 +154,19 @@ def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bo
     if compile:
         return Cached(model, model.new_cache(batch, static=True), COMPILED_DECODING.step_for(model))
     return Cached(model, model.new_cache(batch), None)
+
+
+def _compiled_fast_decoder(model: DecoderTransformer, batch: int, weights: str) -> FastDecoder:
+    """The fast step with its one-token steps compiled (:mod:`~tiny_decoder.model.compiled_step`); the eager fast
+    step, with a warning, where this machine cannot compile."""
+    from tiny_decoder.model.compiled_step import CompileUnavailable, compiled_step
+
+    prepared = PREPARED_WEIGHTS.get(model, weights, portable=True)
+    try:
+        return FastDecoder(prepared, batch, program=compiled_step(prepared, batch))
+    except CompileUnavailable as error:
+        log.warning("compile=true: %s; decoding with the eager fast step", error)
+        return FastDecoder(PREPARED_WEIGHTS.get(model, weights), batch)
 
 
 class Recompute:

@@ -1,0 +1,126 @@
+"""The compiled one-token step (``generate(..., compile=True)`` on a CPU, :mod:`tiny_decoder.model.compiled_step`):
+the eager fast step's logits and tokens, one program per shape kept on disk and loaded by later processes without
+compiling (also for another checkpoint of the shape), the eager step where nothing can be compiled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from tests.model.test_fast_decoding import model_of, prompt_of
+from tiny_decoder.core.cache_dir import default_cache_dir
+from tiny_decoder.model import compiled_step
+from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
+from tiny_decoder.model.generation import generate
+
+needs_a_compiler = pytest.mark.skipif(
+    not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")),
+    reason="compile=true needs a C++ compiler (inductor's): none on this machine",
+)
+
+
+def forget_loaded_programs() -> None:
+    """What a new process starts from: no program in memory (the on-disk cache stays)."""
+    compiled_step.LOADED.clear()
+    PREPARED_WEIGHTS.entries.clear()
+
+
+@needs_a_compiler
+@pytest.mark.parametrize("weights", ["model", "int8", "bf16"])
+def test_compiled_step_gives_the_eager_fast_steps_logits(weights):
+    """Every one-token step of a batch-2 decode: the compiled program's logits are the eager fast step's, with the
+    KV cache written by the eager prompt step and read back by the program (and the other way round past a
+    reset). bf16 (a bfloat16 KV cache and attention, whose sums the two order differently): within 1% of the
+    eager step's logits (relative norm)."""
+    model = model_of("llama")
+    tokens = prompt_of(2, 30)
+    eager = FastDecoder(PREPARED_WEIGHTS.get(model, weights, portable=True), 2, traced=False)
+    prepared = PREPARED_WEIGHTS.get(model, weights, portable=True)
+    compiled = FastDecoder(prepared, 2, program=compiled_step.compiled_step(prepared, 2))
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(tokens[:, :5]), eager(tokens[:, :5]))  # the prompt: eager in both
+        for n in range(5, 30):
+            step = tokens[:, n : n + 1]
+            ours, theirs = compiled(step), eager(step)
+            if weights == "bf16":
+                assert float((ours - theirs).norm() / theirs.norm()) < 0.01
+            else:
+                torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+
+
+@needs_a_compiler
+def test_compiled_generation_equals_eager_past_the_context_and_in_a_new_process():
+    """``generate(compile=True)`` gives the eager tokens (greedy, past the context: the cropped window re-encoded);
+    a later process (nothing in memory) loads the program from disk, in under 5 s, without compiling, also for
+    another checkpoint of the same shape (the weights are the program's inputs, not baked in)."""
+    model, other = model_of("llama"), model_of("llama", seed=5)
+    prompt = prompt_of(1, 4)
+    eager = generate(model, prompt, 40)  # 44 > context 32
+    assert torch.equal(generate(model, prompt, 40, compile=True), eager)
+    programs = sorted((default_cache_dir() / "decoding").glob("*.pt2"))
+    assert programs, "no program written to the cache"
+
+    forget_loaded_programs()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled_step, "compile_program", lambda *a, **k: pytest.fail("compiled again"))
+        start = time.perf_counter()
+        first = generate(model, prompt, 1, compile=True)
+        warm_up = time.perf_counter() - start
+        assert torch.equal(first, eager[:, :5])
+        assert warm_up < 5, f"loading the compiled step took {warm_up:.1f} s"
+        assert torch.equal(generate(other, prompt, 40, compile=True), generate(other, prompt, 40))
+    assert sorted((default_cache_dir() / "decoding").glob("*.pt2")) == programs
+
+
+def test_program_key_follows_shape_format_and_batch():
+    """One program per computation: the key changes with the batch size, the weight format and the model's shape,
+    and not with the weights' values."""
+
+    def key(model, weights="model", batch=1):
+        prepared = PREPARED_WEIGHTS.get(model, weights, portable=True)
+        inputs = compiled_step.example_inputs(prepared, batch)
+        with torch.no_grad():
+            program = torch.export.export(compiled_step.StepProgram(prepared), inputs, strict=False)
+        return compiled_step.program_key(program, inputs)
+
+    base = key(model_of("llama"))
+    assert key(model_of("llama", seed=9)) == base
+    assert len({base, key(model_of("llama"), batch=2), key(model_of("llama"), "int8"), key(model_of("gpt2"))}) == 4
+
+
+@needs_a_compiler
+def test_a_program_that_does_not_load_is_compiled_again(monkeypatch, caplog):
+    """A truncated package in the cache: one warning, compiled again, the right tokens."""
+    model = model_of("llama")
+    prompt = prompt_of(1, 3)
+    generate(model, prompt, 2, compile=True)
+    program = PREPARED_WEIGHTS.get(model, "model", portable=True).compiled[(1, torch.get_num_threads())].path
+    forget_loaded_programs()
+    program.write_bytes(b"not a package")
+    compiled_again = []
+    real_compile = compiled_step.compile_program
+    monkeypatch.setattr(compiled_step, "compile_program", lambda *a: compiled_again.append(1) or real_compile(*a))
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(generate(model, prompt, 10, compile=True), generate(model, prompt, 10))
+    assert compiled_again == [1] and "does not load" in caplog.text
+
+
+def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypatch, caplog):
+    forget_loaded_programs()
+    model = model_of("gpt2")  # a shape no other test compiles: nothing in the cache
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Failed to find C++ compiler. Please specify via CXX environment variable.")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    prompt = prompt_of(2, 3)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(generate(model, prompt, 12, compile=True), generate(model, prompt, 12))
+    assert "could not compile the decoding step (RuntimeError: Failed to find C++ compiler" in caplog.text
+    assert "decoding with the eager fast step" in caplog.text
+    assert not list((default_cache_dir() / "decoding").glob("*.tmp-*"))
