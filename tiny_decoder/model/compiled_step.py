@@ -160,7 +160,7 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.tmp-{os.getpid()}.pt2")
     log.warning(
-        "compile=true: compiling the decoding step for this model shape, once (about a minute on a 2-core CPU); "
+        "compile=true: compiling the decoding step for this model shape, once (tens of seconds on a 2-core CPU); "
         "later runs load it from %s",
         path,
     )
