@@ -41,7 +41,6 @@ that story file, teacher-forced through the decoding step (``validation_bits_per
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import statistics
@@ -233,50 +232,42 @@ def quality(checkpoint: str, new: int) -> list[dict[str, Any]]:
     return rows
 
 
-def text_blocks(task, path: str, blocks: int, context: int) -> tuple[torch.Tensor, int]:
-    """The first ``blocks`` full ``context``-token blocks of the stories in ``path`` (``<|endoftext|>`` between
-    them, as training packs them) and the UTF-8 bytes of the text their predicted tokens (all but each block's
-    first) stand for."""
-    ids: list[int] = []
-    for story in Path(path).read_text(encoding="utf-8").split("<|endoftext|>"):
-        if story.strip():
-            ids += [task.eot_id, *task.encode(story.strip())]
-        if len(ids) >= blocks * context:
-            break
-    if len(ids) < blocks * context:
-        raise SystemExit(f"error: {path} holds fewer than {blocks} blocks of {context} tokens")
-    tokens = torch.tensor(ids[: blocks * context]).view(blocks, context)
-    predicted_bytes = sum(len(task.tokenizer.decode(row[1:].tolist()).encode("utf-8")) for row in tokens)
-    return tokens, predicted_bytes
-
-
 def validation_bits_per_byte(checkpoint: str, path: str, blocks: int) -> list[dict[str, Any]]:
-    """Bits per byte of ``blocks`` validation blocks teacher-forced through the decoding step (one token at a
-    time through the KV cache, all blocks as one batch), in each weight format: the change the opt-in formats
+    """Bits per byte of the first ``blocks`` validation blocks of ``path`` (packed by the text data module as
+    ``evaluate`` packs them, with the checkpoint's tokenizer) teacher-forced through the decoding step (one token
+    at a time through the KV cache, all blocks as one batch), in each weight format: the change the opt-in formats
     make to the validation score, measured on the path that decodes."""
+    from functools import partial
+
+    from tiny_decoder.data.text import TextDataModule
     from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
     from tiny_decoder.tasks import load_task
+    from tiny_decoder.training.metrics import bits_per_byte
 
     task = load_task(checkpoint)
     model = task.model.eval()
-    tokens, predicted_bytes = text_blocks(task, path, blocks, model.config.context_length)
+    data = task.text_datamodule(partial(TextDataModule, files={"validation": path}, hub_dataset=None))
+    data.setup("test")
+    split = data.datasets["validation"]
+    picked = [split[i] for i in range(min(blocks, len(split)))]
+    inputs, targets = (torch.stack([block[name] for block in picked]) for name in ("input", "target"))
     bits = {}
     for weights in ("model", "bf16", "int8"):
-        decoder = FastDecoder(PREPARED_WEIGHTS.get(model, weights), tokens.shape[0])
+        decoder = FastDecoder(PREPARED_WEIGHTS.get(model, weights), len(picked))
         nats = 0.0
         with torch.inference_mode():
-            for n in range(tokens.shape[1] - 1):
-                logits = decoder(tokens[:, n : n + 1]).float().log_softmax(-1)
-                nats -= float(logits.gather(1, tokens[:, n + 1 : n + 2]).sum())
-        bits[weights] = nats / math.log(2) / predicted_bytes
+            for n in range(inputs.shape[1]):
+                logits = decoder(inputs[:, n : n + 1]).float().log_softmax(-1)
+                nats -= float(logits.gather(1, targets[:, n : n + 1]).sum())
+        bits[weights] = bits_per_byte(nats / targets.numel(), data.bytes_per_token["validation"])
     return [
         emit(
             {
                 "benchmark": "generation_validation_bpb",
                 "checkpoint": Path(checkpoint).name,
                 "weights": weights,
-                "blocks": blocks,
-                "predicted_tokens": tokens[:, 1:].numel(),
+                "blocks": len(picked),
+                "predicted_tokens": targets.numel(),
                 "bits_per_byte": round(value, 5),
                 "change_vs_fp32": round(value - bits["model"], 5),
             }

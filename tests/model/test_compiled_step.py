@@ -27,6 +27,7 @@ needs_a_compiler = pytest.mark.skipif(
 def forget_loaded_programs() -> None:
     """What a new process starts from: no program in memory (the on-disk cache stays)."""
     compiled_step.LOADED.clear()
+    compiled_step.UNAVAILABLE.clear()
     PREPARED_WEIGHTS.entries.clear()
 
 
@@ -114,7 +115,10 @@ def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypa
     forget_loaded_programs()
     model = model_of("gpt2")  # a shape no other test compiles: nothing in the cache
 
+    attempts = []
+
     def no_compiler(*args, **kwargs):
+        attempts.append(1)
         raise RuntimeError("Failed to find C++ compiler. Please specify via CXX environment variable.")
 
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
@@ -124,3 +128,6 @@ def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypa
     assert "could not compile the decoding step (RuntimeError: Failed to find C++ compiler" in caplog.text
     assert "decoding with the eager fast step" in caplog.text
     assert not list((default_cache_dir() / "decoding").glob("*.tmp-*"))
+    generate(model, prompt, 2, compile=True)  # this process does not try that compilation again
+    assert attempts == [1]
+    forget_loaded_programs()

@@ -35,7 +35,13 @@ import torch
 from torch import nn
 
 from tiny_decoder.core.cache_dir import default_cache_dir
-from tiny_decoder.model.fast_decoding import CacheWindow, OneTokenProgram, PreparedWeights, one_token_logits
+from tiny_decoder.model.fast_decoding import (
+    CacheWindow,
+    OneTokenProgram,
+    PreparedWeights,
+    new_caches,
+    one_token_logits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,17 +130,14 @@ class CompileUnavailable(RuntimeError):
 
 
 LOADED: dict[str, object] = {}  # key -> loaded program, for this process
+UNAVAILABLE: dict[str, CompileUnavailable] = {}  # key -> why it did not compile: not tried again in this process
 
 
 def example_inputs(w: PreparedWeights, batch: int) -> tuple:
     device = w.embedding.device
     ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
     position = torch.zeros(1, dtype=torch.long, device=device)
-
-    def cache(layer) -> torch.Tensor:
-        return torch.zeros(batch, layer.n_heads, w.context, layer.head_dim, dtype=w.cache_dtype, device=device)
-
-    keys, values = [cache(layer) for layer in w.layers], [cache(layer) for layer in w.layers]
+    keys, values = new_caches(w, batch)
     return ids, position, keys, values, [getattr(holder, name) for holder, name in tensor_slots(w)]
 
 
@@ -198,7 +201,13 @@ def compiled_step(w: PreparedWeights, batch: int) -> OneTokenProgram:
         except Exception as error:  # a truncated or foreign file: compile it again
             log.warning("compile=true: %s does not load (%s); compiling it again", path, str(error).splitlines()[0])
     if loader is None:
-        compile_program(program, path)
+        if key in UNAVAILABLE:
+            raise UNAVAILABLE[key]
+        try:
+            compile_program(program, path)
+        except CompileUnavailable as error:
+            UNAVAILABLE[key] = error
+            raise
         loader = load_program(path)
     LOADED[key] = loader
     step = CompiledStep(loader, inputs[-1], path, inputs[2][0])

@@ -46,10 +46,6 @@ class Kernel:
         """``residual + x W^T + b``."""
         return residual + self(x)
 
-    def into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[:] = x W^T + b`` (``out`` contiguous, of the result's shape)."""
-        out.copy_(self(x))
-
 
 class TransposedKernel(Kernel):
     """The model's dtype, ``W^T`` contiguous: ``mm`` / ``addmm`` (module doc: ``model``)."""
@@ -68,16 +64,10 @@ class TransposedKernel(Kernel):
             residual = residual + self.bias
         return torch.addmm(residual, x, self.weight_t)
 
-    def into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        if self.bias is None:
-            torch.mm(x, self.weight_t, out=out)
-        else:
-            torch.addmm(self.bias, x, self.weight_t, out=out)
-
 
 class LowPrecisionKernel(Kernel):
     """Multiplies in ``compute`` dtype: the input cast down, the output cast back to the input's dtype (the
-    residual stream, norms, rotary, the KV cache and attention stay in the model's dtype)."""
+    residual stream, norms and rotary stay in the model's dtype)."""
 
     compute = torch.bfloat16
 

@@ -291,6 +291,16 @@ def traced_step(w: PreparedWeights, ids: torch.Tensor, position: torch.Tensor, w
     return step(ids, position, *windows)
 
 
+def new_caches(w: PreparedWeights, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every layer's ``(B, H, context, D)`` key and value caches, zeros, in the format's cache dtype."""
+
+    def cache(layer: FastLayer) -> torch.Tensor:
+        shape = (batch, layer.n_heads, w.context, layer.head_dim)
+        return torch.zeros(shape, device=w.embedding.device, dtype=w.cache_dtype)
+
+    return [cache(layer) for layer in w.layers], [cache(layer) for layer in w.layers]
+
+
 class OneTokenProgram(Protocol):
     """A compiled :func:`one_token_logits` (:class:`~tiny_decoder.model.compiled_step.CompiledStep`):
     ``program(ids (B, 1), position (1,), keys, values) -> logits``, the caches written in place."""
@@ -322,13 +332,7 @@ class FastDecoder:
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.compiled = program  # one-token steps through a compiled program (compiled_step.compiled_step)
         self.step_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)  # its contiguous input
-
-        def cache(layer: FastLayer) -> torch.Tensor:
-            shape = (batch_size, layer.n_heads, weights.context, layer.head_dim)
-            return torch.zeros(shape, device=device, dtype=weights.cache_dtype)
-
-        self.keys = [cache(layer) for layer in weights.layers]
-        self.values = [cache(layer) for layer in weights.layers]
+        self.keys, self.values = new_caches(weights, batch_size)
         if program is not None:
             program.check_caches([*self.keys, *self.values])
         self.windows: dict[int, list[torch.Tensor]] = {}  # bucket -> every layer's CacheWindow tensors, flat
