@@ -183,6 +183,7 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
 def load_program(path: Path):
     """The package's runner: torch's C++ package loader, as ``aoti_load_package`` makes it, without importing
     inductor's Python side (measured 8 ms against 1.3 s, 0.9 s of which is that import)."""
+    # (package, model name aoti_compile_and_package gives, run single-threaded, runners, device index: the default)
     return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
 
 
