@@ -1,20 +1,20 @@
 """Decoding throughput of every mode of ``generate``, side by side with llama2.c's ``run.c`` and Hugging Face.
 
     python benchmarks/generation.py [--experiment stories15m] [--new 256] [--threads 1 2] [--repeats 3]
-        [--llama2c DIR | env LLAMA2C_DIR] [--modes fast bf16 int8 cached compiled recompute] [--hf]
+        [--llama2c DIR | env LLAMA2C_DIR] [--modes fast bf16 int8 int4 cached compiled recompute] [--hf]
 
 Builds the recipe's model (``+experiment=NAME``: the stories15M shape is d 288, 6 layers, 6 heads, SwiGLU 768,
 RoPE, context 256, vocabulary 4096) with random weights (the work per token does not depend on them) and
 decodes greedily at batch ``--batch`` from a 1-token prompt, ``--new`` tokens, one row per mode and thread
 count (``tiny_decoder.model.generation.generate``):
 
-- ``fast``: the default (the fast eager step, the model's fp32 numerics); ``bf16`` / ``int8``: the same step
-  with ``weights=bf16`` / ``weights=int8`` (opt-in, numerics change);
+- ``fast``: the default (the fast eager step, the model's fp32 numerics); ``bf16`` / ``int8`` / ``int4``: the same
+  step with ``weights=bf16`` / ``weights=int8`` / ``weights=int4`` (opt-in, numerics change);
 - ``cached``: the eager KV cache through the model's modules (``fast=False``);
-- ``compiled`` / ``compiled_bf16`` / ``compiled_int8``: the fast step's one-token steps as the AOTInductor program
-  (``compile=True``, :mod:`tiny_decoder.model.compiled_step`), in each weight format; its compilation or loading
-  is the mode's ``warmup_s`` (the first process of a shape compiles, later ones load the program from
-  ``$TINY_DECODER_CACHE``: run the script twice, or point it at an empty folder, to see both);
+- ``compiled`` / ``compiled_bf16`` / ``compiled_int8`` / ``compiled_int4``: the fast step's one-token steps as the
+  AOTInductor program (``compile=True``, :mod:`tiny_decoder.model.compiled_step`), in each weight format; its
+  compilation or loading is the mode's ``warmup_s`` (the first process of a shape compiles, later ones load the
+  program from ``$TINY_DECODER_CACHE``: run the script twice, or point it at an empty folder, to see both);
 - ``recompute``: no cache (``use_cache=False``).
 
 ``warmup_s`` of every mode is its first call (2 tokens) at each thread count (a compiled program is made for one
@@ -59,13 +59,16 @@ MODES: dict[str, dict[str, Any]] = {
     "fast": {},
     "bf16": {"weights": "bf16"},
     "int8": {"weights": "int8"},
+    "int4": {"weights": "int4"},
     "cached": {"fast": False},
     "compiled": {"compile": True},
     "compiled_bf16": {"compile": True, "weights": "bf16"},
     "compiled_int8": {"compile": True, "weights": "int8"},
+    "compiled_int4": {"compile": True, "weights": "int4"},
     "recompute": {"use_cache": False},
 }
-DEFAULT_MODES = ["fast", "bf16", "int8", "compiled", "compiled_bf16", "compiled_int8", "cached"]
+DEFAULT_MODES = ["fast", "bf16", "int8", "int4", "compiled", "compiled_bf16", "compiled_int8", "compiled_int4",
+                 "cached"]  # fmt: skip
 RUN_C_RATE = re.compile(r"achieved tok/s: ([0-9.]+)")
 
 
@@ -190,12 +193,13 @@ def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[s
     return row
 
 
+OPT_IN_FORMATS = ("bf16", "int8", "int4")
 QUALITY_PROMPTS = ["Once upon a time", "The little dog", "One day, a girl named Lily", "Tom and his mom",
                    "The sun was", "In the park, there was", "The cat saw a", "Mia wanted to"]  # fmt: skip
 
 
 def quality(checkpoint: str, new: int) -> list[dict[str, Any]]:
-    """bf16 / int8 against the model's own numerics on a trained language model: greedy continuations (fp32) of
+    """bf16 / int8 / int4 against the model's own numerics on a trained language model: greedy continuations (fp32) of
     ``QUALITY_PROMPTS``, then each format teacher-forced along them: the share of positions where its greedy
     token is fp32's, and the change of the mean log-probability of fp32's tokens (nats)."""
     from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
@@ -209,7 +213,7 @@ def quality(checkpoint: str, new: int) -> list[dict[str, Any]]:
     for text in QUALITY_PROMPTS:
         ids = torch.tensor([task.encode_prompt(text)[: context // 2]])
         sequences.append(generate(model, ids, min(new, context - ids.shape[1])))
-    for weights in ("bf16", "int8"):
+    for weights in OPT_IN_FORMATS:
         agree, total, logprob_change = 0, 0, 0.0
         for tokens in sequences:
             logits = {}
@@ -252,7 +256,7 @@ def validation_bits_per_byte(checkpoint: str, path: str, blocks: int) -> list[di
     picked = [split[i] for i in range(min(blocks, len(split)))]
     inputs, targets = (torch.stack([block[name] for block in picked]) for name in ("input", "target"))
     bits = {}
-    for weights in ("model", "bf16", "int8"):
+    for weights in ("model", *OPT_IN_FORMATS):
         decoder = FastDecoder(PREPARED_WEIGHTS.get(model, weights), len(picked))
         nats = 0.0
         with torch.inference_mode():
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hf-repeats", type=int, default=1, help="interleaved rounds of the batched comparison")
     parser.add_argument("--hf-threads", type=int, default=1, help="threads of the batched comparison")
     parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the script, measures nothing")
-    parser.add_argument("--quality", metavar="CKPT", help="only: bf16 / int8 agreement with fp32 on this checkpoint")
+    parser.add_argument("--quality", metavar="CKPT", help="only: the opt-in formats against fp32 on this checkpoint")
     parser.add_argument(
         "--quality-text",
         metavar="FILE",

@@ -11,7 +11,7 @@ the next):
    loop, three times each, side by side; data loading share; FLOPs and MFU;
 2. ``training.py`` at the stories15M shape over attention x precision x compile;
 3. ``training.py`` at the stories260K shape without attention dropout (``model.attention_dropout=0``);
-4. ``generation.py --hf``: every decoding mode (the fast default, bf16, int8, compiled in each format, the module
+4. ``generation.py --hf``: every decoding mode (the fast default, bf16, int8, int4, compiled in each format, the module
    path) at batch 1, 256 new tokens, 1 and 2 threads, side by side with llama2.c's ``run.c`` when ``LLAMA2C_DIR``
    points at a llama2.c checkout (the one-thread build at 1 thread, the OpenMP build at 2), and batched sampling
    against Hugging Face; then a second process of the fast and compiled modes, whose warm-up is a second run's
@@ -46,7 +46,7 @@ GRID = ["training.py", "--experiment", "stories15m", "--attention", "sdpa", "sta
 GENERATION = ["generation.py", "--hf"]
 # a second process of the same shapes (the same TINY_DECODER_CACHE): the compiled modes load their programs, so
 # its warm-up is what a user waits for on a second run
-COMPILED_MODES = ["compiled", "compiled_bf16", "compiled_int8"]
+COMPILED_MODES = ["compiled", "compiled_bf16", "compiled_int8", "compiled_int4"]
 GENERATION_AGAIN = ["generation.py", "--repeats", "1", "--threads", "1", "2", "--modes", "fast", *COMPILED_MODES]
 SMOKE = {  # every script and code path once, on a tiny model: checks the wiring; its figures mean nothing
     "overhead": ["training.py", "--experiment", "stories15m", "stories260k", "--smoke", "--steps", "2",

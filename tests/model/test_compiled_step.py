@@ -32,7 +32,7 @@ def forget_loaded_programs() -> None:
 
 
 @needs_a_compiler
-@pytest.mark.parametrize("weights", ["model", "int8", "bf16"])
+@pytest.mark.parametrize("weights", ["model", "int8", "int4", "bf16"])
 def test_compiled_step_gives_the_eager_fast_steps_logits(weights):
     """Every one-token step of a batch-2 decode: the compiled program's logits are the eager fast step's, with the
     KV cache written by the eager prompt step and read back by the program (and the other way round past a

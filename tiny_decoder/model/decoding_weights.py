@@ -17,8 +17,12 @@ One entry per ``weights=`` choice of :func:`tiny_decoder.model.generation.genera
   torch's own weight-only kernel
   ``aten._weight_int8pack_mm`` (a CPU kernel; torchao's int8 weight-only CPU path calls the same op). A
   quarter of the fp32 weight bytes, which is what bounds decoding at small sizes.
+* ``int4`` (opt-in, changes numerics more: +0.005 validation bits per byte on the TinyStories record model):
+  int4 weights in groups of 32 inputs, each group asymmetric (its minimum to its maximum in 15 steps), bfloat16
+  inputs, through torch's ``aten._weight_int4pack_mm_for_cpu`` (the kernel torchao's int4 weight-only CPU layout
+  calls). An eighth of the fp32 weight bytes: the fastest batch-1 format (benchmarks/RESULTS.md).
 
-The quality cost of ``bf16`` / ``int8`` on a trained model (greedy-token agreement with fp32, change of the
+The quality cost of ``bf16`` / ``int8`` / ``int4`` on a trained model (greedy-token agreement with fp32, change of the
 log-probability of fp32's tokens) is measured by ``benchmarks/generation.py --quality CKPT`` and reported in
 ``benchmarks/RESULTS.md``.
 """
@@ -132,6 +136,44 @@ class Int8Kernel(LowPrecisionKernel):
         return out if self.bias is None else out + self.bias
 
 
+def quantize_int4(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of ``group`` inputs (each group's min to max in 15 steps): ``(q (N, K) int32 in
+    0..15, scale (N, K / group), minimum (N, K / group))`` with ``weight ~= q * scale + minimum`` per group."""
+    weight = weight.detach().float()
+    groups = weight.view(weight.shape[0], -1, group)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.view_as(weight), scale, low
+
+
+class Int4Kernel(LowPrecisionKernel):
+    """int4 weights in groups of 32 inputs (asymmetric: a scale and a minimum each), bfloat16 activations:
+    ``aten._weight_int4pack_mm_for_cpu`` (the kernel torchao's int4 weight-only CPU layout calls), on the weight
+    packed by ``aten._convert_weight_to_int4pack_for_cpu``."""
+
+    GROUP = 32  # the kernel takes groups of 32, 64, 128 or 256 inputs; 32 divides every d_model a multiple of 32
+    ROWS = 16  # the packing takes outputs in multiples of 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.outputs = weight.shape[0]
+        self.pad = -weight.shape[1] % self.GROUP
+        padded = F.pad(weight.detach(), (0, self.pad, 0, -weight.shape[0] % self.ROWS))
+        q, scale, low = quantize_int4(padded, self.GROUP)
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        # the kernel's (K / group, N, 2) pairs: w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
+        self.scale_and_zero = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).to(self.compute).contiguous()
+        self.bias = None if bias is None else bias.detach().to(self.compute)
+
+    def low(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.weight, self.GROUP, self.scale_and_zero)
+        if out.shape[1] != self.outputs:
+            out = out[:, : self.outputs]
+        return out if self.bias is None else out + self.bias
+
+
 KernelFactory = Callable[[torch.Tensor, torch.Tensor | None, torch.dtype], Kernel]
 
 
@@ -193,6 +235,21 @@ class Int8Weights(WeightFormat):
     def check(self, device: torch.device) -> None:
         if device.type != "cpu":
             raise ConfigError(f"weights=int8 runs on a CPU only (torch's int8 weight-only kernel); got {device}: "
+                              "use weights=bf16 or weights=model there")  # fmt: skip
+
+
+@WEIGHT_FORMATS.register("int4")
+class Int4Weights(WeightFormat):
+    """int4 weight-only in groups of 32 (opt-in), bfloat16 activations, CPU only."""
+
+    name = "int4"
+
+    def kernel_type(self, device: torch.device) -> KernelFactory:
+        return Int4Kernel
+
+    def check(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ConfigError(f"weights=int4 runs on a CPU only (torch's int4 weight-only CPU kernel); got {device}: "
                               "use weights=bf16 or weights=model there")  # fmt: skip
 
 

@@ -50,7 +50,7 @@ class GenerationRequest:
     top_p: float | None = None
     num_samples: int = 1
     compile: bool = False  # compiled decoding (static KV cache)
-    weights: str = "model"  # the fast step's weight format: model (its numerics), bf16 or int8 (opt-in)
+    weights: str = "model"  # the fast step's weight format: model (its numerics), bf16, int8 or int4 (opt-in)
 
 
 @dataclass(frozen=True)
