@@ -15,7 +15,8 @@ import torch
 from tests.model.test_fast_decoding import model_of, prompt_of
 from tiny_decoder.core.cache_dir import default_cache_dir
 from tiny_decoder.model import compiled_step
-from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
+from tiny_decoder.model.decoding_weights import weight_format
+from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder, PreparedWeights
 from tiny_decoder.model.generation import generate
 
 needs_a_compiler = pytest.mark.skipif(
@@ -78,20 +79,29 @@ def test_compiled_generation_equals_eager_past_the_context_and_in_a_new_process(
     assert sorted((default_cache_dir() / "decoding").glob("*.pt2")) == programs
 
 
-def test_program_key_follows_shape_format_and_batch():
-    """One program per computation: the key changes with the batch size, the weight format and the model's shape,
-    and not with the weights' values."""
+def test_program_key_follows_shape_format_batch_and_settings():
+    """One program per computation: the key changes with the batch size, the weight format, the model's shape and
+    any setting the step reads (a norm's eps, the activation), and not with the weights' values; it is computed
+    without tracing the step (milliseconds)."""
 
-    def key(model, weights="model", batch=1):
-        prepared = PREPARED_WEIGHTS.get(model, weights, portable=True)
-        inputs = compiled_step.example_inputs(prepared, batch)
-        with torch.no_grad():
-            program = torch.export.export(compiled_step.StepProgram(prepared), inputs, strict=False)
-        return compiled_step.program_key(program, inputs)
+    def key(prepared, batch=1):
+        return compiled_step.program_key(prepared, compiled_step.example_inputs(prepared, batch))
 
-    base = key(model_of("llama"))
-    assert key(model_of("llama", seed=9)) == base
-    assert len({base, key(model_of("llama"), batch=2), key(model_of("llama"), "int8"), key(model_of("gpt2"))}) == 4
+    def prepared_of(model, weights="model"):
+        return PreparedWeights(model, weight_format(weights, portable=True))
+
+    base = key(prepared_of(model_of("llama")))
+    assert key(prepared_of(model_of("llama", seed=9))) == base
+    variants = [key(prepared_of(model_of("llama")), batch=2), key(prepared_of(model_of("llama"), "int8")),
+                key(prepared_of(model_of("llama"), "int4")), key(prepared_of(model_of("gpt2")))]  # fmt: skip
+    other_eps, other_act = prepared_of(model_of("llama")), prepared_of(model_of("llama"))
+    other_eps.layers[1].norm_ff.eps = 1e-3
+    other_act.layers[0].act = torch.nn.GELU(approximate="tanh")
+    variants += [key(other_eps), key(other_act)]
+    assert len({base, *variants}) == 1 + len(variants)
+    start = time.perf_counter()
+    key(prepared_of(model_of("llama")))
+    assert time.perf_counter() - start < 0.5
 
 
 @needs_a_compiler

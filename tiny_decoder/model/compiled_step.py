@@ -7,11 +7,12 @@ fused into loops, the matrix products in inductor's C++ GEMM micro-kernels where
 faster than the BLAS call. Prompts still run through the eager fast step, into the same KV cache.
 
 * Every tensor the step reads is an input of the program, the weights too, so one program serves every
-  checkpoint of a shape. Its key hashes the exported graph's code (every op, constant and Python number of the
-  computation), its inputs' shapes, strides and dtypes (the weight format, the batch size), the thread count the
+  checkpoint of a shape. Its key (:func:`program_key`, computed in ~1 ms without tracing the step) hashes the
+  source of the step's modules, every setting of its layers, norms and kernels (eps, head sizes, the activation,
+  flags), its inputs' shapes, strides and dtypes (the weight format, the batch size), the thread count the
   kernels were generated for, torch's version and the CPU's vector capability.
-* The first run of a shape compiles (~15-60 s on a 2-core CPU; one log line says so and where the program goes);
-  later runs, in any process, load it in under a second (most of it the export that computes the key, ~0.8 s).
+* The first run of a shape exports and compiles (~15-60 s on a 2-core CPU; one log line says so and where the
+  program goes); later runs, in any process, load it in milliseconds.
   Programs are written under a temporary name and renamed; one that does not load is compiled again, with a
   warning. A machine without a C++ compiler decodes with the eager fast step, with a warning.
 * Attention reads the cache slots up to the position only (a size the program reads from its position input), so
@@ -23,8 +24,10 @@ faster than the BLAS call. Prompts still run through the eager fast step, into t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -35,6 +38,7 @@ import torch
 from torch import nn
 
 from tiny_decoder.core.cache_dir import default_cache_dir
+from tiny_decoder.model import decoding_weights, fast_decoding
 from tiny_decoder.model.fast_decoding import (
     CacheWindow,
     OneTokenProgram,
@@ -56,11 +60,18 @@ INDUCTOR_OPTIONS: dict[str, bool | int | str] = {
 }
 
 
-def tensor_slots(w: PreparedWeights) -> list[tuple[object, str]]:
-    """``(holder, attribute)`` of every tensor the one-token step reads, in a fixed order."""
+def step_holders(w: PreparedWeights) -> list[object]:
+    """Every object whose attributes the one-token step reads (the weights, each layer, norm and kernel), in a
+    fixed order."""
     holders: list[object] = [w, w.final_norm, w.head]
     for layer in w.layers:
         holders += [layer, layer.norm_attn, layer.norm_ff, layer.qkv, layer.proj, layer.up, layer.down]
+    return holders
+
+
+def tensor_slots(w: PreparedWeights) -> list[tuple[object, str]]:
+    """``(holder, attribute)`` of every tensor the one-token step reads, in a fixed order."""
+    holders = step_holders(w)
     return [(holder, name) for holder in holders for name, value in vars(holder).items() if torch.is_tensor(value)]
 
 
@@ -141,16 +152,44 @@ def example_inputs(w: PreparedWeights, batch: int) -> tuple:
     return ids, position, keys, values, [getattr(holder, name) for holder, name in tensor_slots(w)]
 
 
-def program_key(program: torch.export.ExportedProgram, inputs: tuple) -> str:
-    """What the compiled program depends on (module doc), hashed."""
+# the files whose code the program computes (their source is part of the key): the step, its weight formats and
+# the program's calling convention (this file)
+STEP_SOURCES = (fast_decoding, decoding_weights, sys.modules[__name__])
+
+
+def described(value: object) -> str | None:
+    """What a non-tensor attribute of a step's holder adds to the computation (None: nothing, or a holder listed
+    on its own): numbers, flags and shapes by value, modules (the activation) by class and settings."""
+    if isinstance(value, (bool, int, float, str, type(None), tuple, torch.dtype, torch.device)):
+        return repr(value)
+    if isinstance(value, nn.Module):
+        return f"{type(value).__module__}.{type(value).__qualname__}:{value!r}"
+    if isinstance(value, decoding_weights.WeightFormat):
+        return f"{type(value).__qualname__}(portable={value.portable})"
+    return None  # the kernels, norms and layers (holders themselves), the step's caches of traces and programs
+
+
+def program_key(w: PreparedWeights, inputs: tuple) -> str:
+    """What the compiled program depends on, hashed without tracing the step: the version of the calling
+    convention, torch's version, the CPU's vector capability, the thread count and inductor settings the kernels
+    were generated with, the source of the step's modules, every holder's class and non-tensor settings (eps,
+    head sizes, the activation, flags: :func:`described`), and the shape, strides, dtype and device of every input
+    (the weight format's tensors, the batch size, the caches); not the weights' values, which are inputs."""
     flat = [t for part in inputs for t in (part if isinstance(part, list) else [part])]
+    settings = [
+        f"{type(holder).__qualname__}.{name}={text}"
+        for holder in step_holders(w)
+        for name, value in sorted(vars(holder).items())
+        if (text := described(value)) is not None
+    ]
     parts = [
         PROGRAM_VERSION,
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
         f"threads={torch.get_num_threads()}",
         repr(sorted(INDUCTOR_OPTIONS.items())),
-        program.graph_module.code,
+        *(inspect.getsource(module) for module in STEP_SOURCES),
+        *settings,
         *(f"{tuple(t.shape)}/{t.stride()}/{t.dtype}/{t.device.type}" for t in flat),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
@@ -193,9 +232,7 @@ def compiled_step(w: PreparedWeights, batch: int) -> OneTokenProgram:
     if slot in w.compiled:
         return w.compiled[slot]
     inputs = example_inputs(w, batch)
-    with torch.no_grad():
-        program = torch.export.export(StepProgram(w), inputs, strict=False)
-    key = program_key(program, inputs)
+    key = program_key(w, inputs)
     path = default_cache_dir() / "decoding" / f"{key}.pt2"
     loader = LOADED.get(key)
     if loader is None and path.exists():
@@ -207,6 +244,8 @@ def compiled_step(w: PreparedWeights, batch: int) -> OneTokenProgram:
         if key in UNAVAILABLE:
             raise UNAVAILABLE[key]
         try:
+            with torch.no_grad():
+                program = torch.export.export(StepProgram(w), inputs, strict=False)
             compile_program(program, path)
         except CompileUnavailable as error:
             UNAVAILABLE[key] = error
