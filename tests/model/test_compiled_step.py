@@ -4,6 +4,7 @@ compiling (also for another checkpoint of the shape), the eager step where nothi
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -102,6 +103,8 @@ def test_program_key_follows_shape_format_batch_and_settings():
     start = time.perf_counter()
     key(prepared_of(model_of("llama")))
     assert time.perf_counter() - start < 0.5
+    # a module without readable source (a frozen install) keys on the package's version instead
+    assert compiled_step.source_of(object()).endswith("of tiny_decoder " + importlib.metadata.version("tiny_decoder"))
 
 
 @needs_a_compiler

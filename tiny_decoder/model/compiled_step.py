@@ -169,6 +169,16 @@ def described(value: object) -> str | None:
     return None  # the kernels, norms and layers (holders themselves), the step's caches of traces and programs
 
 
+def source_of(module: object) -> str:
+    """A module's source; where there is none to read (a frozen install), its name and the package's version."""
+    try:
+        return inspect.getsource(module)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        from importlib.metadata import version
+
+        return f"{getattr(module, '__name__', module)} of tiny_decoder {version('tiny_decoder')}"
+
+
 def program_key(w: PreparedWeights, inputs: tuple) -> str:
     """What the compiled program depends on, hashed without tracing the step: the version of the calling
     convention, torch's version, the CPU's vector capability, the thread count and inductor settings the kernels
@@ -188,7 +198,7 @@ def program_key(w: PreparedWeights, inputs: tuple) -> str:
         torch.backends.cpu.get_cpu_capability(),
         f"threads={torch.get_num_threads()}",
         repr(sorted(INDUCTOR_OPTIONS.items())),
-        *(inspect.getsource(module) for module in STEP_SOURCES),
+        *(source_of(module) for module in STEP_SOURCES),
         *settings,
         *(f"{tuple(t.shape)}/{t.stride()}/{t.dtype}/{t.device.type}" for t in flat),
     ]
