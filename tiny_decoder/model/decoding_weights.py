@@ -223,34 +223,34 @@ class BF16Weights(WeightFormat):
         return LinearKernel
 
 
+class CPUWeightOnly(WeightFormat):
+    """A weight-only quantized format through one of torch's CPU kernels (``kernel_class``): CPU only."""
+
+    kernel_class: KernelFactory
+
+    def kernel_type(self, device: torch.device) -> KernelFactory:
+        return self.kernel_class
+
+    def check(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ConfigError(f"weights={self.name} runs on a CPU only (torch's {self.name} weight-only CPU kernel); "
+                              f"got {device}: use weights=bf16 or weights=model there")  # fmt: skip
+
+
 @WEIGHT_FORMATS.register("int8")
-class Int8Weights(WeightFormat):
+class Int8Weights(CPUWeightOnly):
     """int8 weight-only (opt-in), bfloat16 activations, CPU only."""
 
     name = "int8"
-
-    def kernel_type(self, device: torch.device) -> KernelFactory:
-        return Int8Kernel
-
-    def check(self, device: torch.device) -> None:
-        if device.type != "cpu":
-            raise ConfigError(f"weights=int8 runs on a CPU only (torch's int8 weight-only kernel); got {device}: "
-                              "use weights=bf16 or weights=model there")  # fmt: skip
+    kernel_class = Int8Kernel
 
 
 @WEIGHT_FORMATS.register("int4")
-class Int4Weights(WeightFormat):
+class Int4Weights(CPUWeightOnly):
     """int4 weight-only in groups of 32 (opt-in), bfloat16 activations, CPU only."""
 
     name = "int4"
-
-    def kernel_type(self, device: torch.device) -> KernelFactory:
-        return Int4Kernel
-
-    def check(self, device: torch.device) -> None:
-        if device.type != "cpu":
-            raise ConfigError(f"weights=int4 runs on a CPU only (torch's int4 weight-only CPU kernel); got {device}: "
-                              "use weights=bf16 or weights=model there")  # fmt: skip
+    kernel_class = Int4Kernel
 
 
 def weight_format(name: str, portable: bool = False) -> WeightFormat:
