@@ -220,8 +220,8 @@ def measure_prepare(corpus: Path, tokenizer: Path, cache: Path, size_mb: float) 
     token_files = sum(p.stat().st_size for p in Path(result["cache_path"]).glob("*.bin"))
     return emit({
         "benchmark": "data_prepare", "corpus_mb": size_mb, "file_mb": round(corpus.stat().st_size / MB, 1),
-        "text_mb": round(text_mb, 1), "tokens": tokens, "prepare_s": round(result["seconds"], 1),
-        "wall_s": round(result["wall_s"], 1), "mb_per_s": round(text_mb / result["seconds"], 2),
+        "text_mb": round(text_mb, 2), "tokens": tokens, "prepare_s": round(result["seconds"], 3),
+        "wall_s": round(result["wall_s"], 2), "mb_per_s": round(text_mb / result["seconds"], 2),
         "tokens_per_s": round(tokens / result["seconds"]),
         "peak_rss_mb": round(max(result["tree_peak_rss_mb"], result["max_rss_mb"])),
         "tree_peak_rss_mb": round(result["tree_peak_rss_mb"]), "max_rss_mb": round(result["max_rss_mb"]),
