@@ -107,16 +107,18 @@ class Norm:
         eps = float(norm.eps) if norm.eps is not None else torch.finfo(dtype).eps
         self.eps, self.shape = eps, tuple(norm.normalized_shape)
         self.rms = isinstance(norm, nn.RMSNorm)
-        self.eps_tensor = torch.full((1, 1, 1), eps, dtype=dtype, device=device)
+        self.eps_tensor = torch.full((1, 1), eps, dtype=dtype, device=device)
         self.inv_dim = 1 / self.shape[-1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.rms:
             return F.layer_norm(x, self.shape, None, None, self.eps)
         if torch.compiler.is_compiling():  # a reduction the compiler fuses with the scaling (not a BLAS call)
-            return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps_tensor.view(1, 1))
-        # no Python arithmetic on x's shape: a traced step would record it as tensor ops (~10 us a norm)
-        mean_square = torch.baddbmm(self.eps_tensor, x.unsqueeze(1), x.unsqueeze(2), alpha=self.inv_dim)
+            return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + self.eps_tensor)
+        # no Python arithmetic on x's values: a traced step would record it as tensor ops (~10 us a norm)
+        if x.shape[0] == 1:  # one row (decoding at batch 1): x @ x^T is its sum of squares, (1, 1), in one product
+            return x * torch.addmm(self.eps_tensor, x, x.t(), alpha=self.inv_dim).rsqrt_()
+        mean_square = torch.baddbmm(self.eps_tensor.view(1, 1, 1), x.unsqueeze(1), x.unsqueeze(2), alpha=self.inv_dim)
         return x * mean_square.squeeze(2).rsqrt_()
 
 
@@ -171,8 +173,11 @@ class FastLayer:
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x + down(act(gate(n(x))) * up(n(x)))`` (or ``x + down(act(up(n(x))))``), x of shape (M, d)."""
         h = self.up(self.norm_ff(x))
-        # gated: gate and up as two slices (a traced split is one op of ~4 us, a slice ~1 us)
-        h = self.act(h[:, : self.hidden]).mul_(h[:, self.hidden :]) if self.gated else self.act(h)
+        # gated: gate and up as two narrows (a traced split is one op of ~4 us, a narrow one view; h[:, :n] two)
+        if self.gated:
+            h = self.act(h.narrow(1, 0, self.hidden)).mul_(h.narrow(1, self.hidden, self.hidden))
+        else:
+            h = self.act(h)
         return self.down.add_to(x, h)
 
 
@@ -245,27 +250,31 @@ def one_token_logits(
     x = F.embedding(ids.reshape(-1), w.embedding)
     if w.additive is not None:
         x = x + w.additive.index_select(0, position)
-    rotary = None if w.rotary is None else w.rotary.index_select(0, position)  # (1, D/2, 2): over q and k
+    # (1, D/2, 2) (cos, sin) pairs over q and k, as rotate_in_place reads them (made once for every layer)
+    rotary = None if w.rotary is None else rotation(w.rotary.index_select(0, position))
     keys, cache_dtype = windows[2].shape[2], windows[2].dtype
     bias = torch.zeros(1, 1, keys, dtype=cache_dtype, device=x.device).masked_fill_(
-        (w.key_positions[:keys] > position).view(1, 1, keys), float("-inf")
+        (w.key_positions.narrow(0, 0, keys) > position).view(1, 1, keys), float("-inf")
     )
+    # every view from constant sizes and one call: in a trace, x[:, i] is a slice and a select, a view ~1 us each
     for i, layer in enumerate(w.layers):
         keys_window, values_window, keys_t, values_3d = windows[4 * i : 4 * i + 4]
-        qkv = layer.qkv(layer.norm_attn(x)).view(-1, 3, layer.n_heads, layer.head_dim)
+        # (B, 3, H, 1, D): q, k and v of each head, a k or v already shaped as its cache slot
+        qkv = layer.qkv(layer.norm_attn(x)).view(-1, 3, layer.n_heads, 1, layer.head_dim)
         if rotary is not None:
-            # the pairs view from constant sizes: a traced unflatten(-1, (-1, 2)) is one op of ~3 us, a view ~1 us
             rotate_in_place(qkv.view(-1, 3, layer.n_heads, layer.head_dim // 2, 2), rotary)
         if cache_dtype != qkv.dtype:
             qkv = qkv.to(cache_dtype)
-        keys_window.index_copy_(2, position, qkv[:, 1].unsqueeze(2))
-        values_window.index_copy_(2, position, qkv[:, 2].unsqueeze(2))
-        query = qkv[:, 0].reshape(-1, 1, layer.head_dim)  # (B*H, 1, D)
+        keys_window.index_copy_(2, position, qkv.select(1, 1))
+        values_window.index_copy_(2, position, qkv.select(1, 2))
+        query = qkv.select(1, 0).reshape(-1, 1, layer.head_dim)  # (B*H, 1, D)
         if torch.compiler.is_compiling():  # a bmm the compiler turns into a loop fused with the softmax
             scores = torch.bmm(query, keys_t) * layer.scale + bias
         else:
             scores = torch.baddbmm(bias, query, keys_t, alpha=layer.scale)
-        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(cache_dtype)  # fp32 sums
+        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 sums
+        if cache_dtype != torch.float32:
+            probabilities = probabilities.to(cache_dtype)
         y = torch.bmm(probabilities, values_3d)
         x = layer.proj.add_to(x, y.view(-1, layer.inner))
         x = layer.feed_forward(x)
@@ -364,7 +373,7 @@ class FastDecoder:
         x = F.embedding(ids.reshape(-1), w.embedding)
         if w.additive is not None:
             x = (x.view(batch, new, -1) + w.additive[start:end]).view(batch * new, -1)
-        rotary = None if w.rotary is None else w.rotary[start:end].view(new, 1, 1, -1, 2)
+        rotary = None if w.rotary is None else rotation(w.rotary[start:end].view(new, 1, 1, -1, 2))
         mask = None
         if new > 1 and start > 0:  # queries start..end-1 see keys 0..their own position
             mask = torch.ones(new, end, dtype=torch.bool, device=ids.device).tril(diagonal=start)
@@ -389,15 +398,20 @@ class FastDecoder:
         return w.head(w.final_norm(last))
 
 
+def rotation(rotary: torch.Tensor) -> torch.Tensor:
+    """``(cos, sin)`` pairs ``(..., D/2, 2)`` as :func:`rotate_in_place` reads them: eagerly one complex number
+    each (a view); under compilation the real pairs (its compiler has no complex arithmetic on a CPU)."""
+    return rotary if torch.compiler.is_compiling() else torch.view_as_complex(rotary)
+
+
 def rotate_in_place(pairs: torch.Tensor, rotary: torch.Tensor) -> None:
     """Rotate q and k of ``pairs``, a ``(..., 3, H, D/2, 2)`` view of ``qkv`` (interleaved pairs), by ``rotary``
-    (``(cos, sin)`` pairs ``(..., D/2, 2)`` broadcast from the right: ``(T, 1, 1, D/2, 2)`` for ``(B, T, 3, H, D/2,
-    2)``), in place: eagerly one complex multiply on both; under compilation
-    (:mod:`~tiny_decoder.model.compiled_step`, whose compiler has no complex arithmetic on a CPU) the same products
-    written out in real numbers."""
-    pairs = pairs[..., :2, :, :, :]
+    (the :func:`rotation` of ``(cos, sin)`` pairs ``(..., D/2, 2)``, broadcast from the right: ``(T, 1, 1, D/2,
+    2)`` for ``(B, T, 3, H, D/2, 2)``), in place: eagerly one complex multiply on both; under compilation
+    (:mod:`~tiny_decoder.model.compiled_step`) the same products written out in real numbers."""
+    pairs = pairs.narrow(-4, 0, 2)  # q and k
     if not torch.compiler.is_compiling():
-        torch.view_as_complex(pairs).mul_(torch.view_as_complex(rotary))
+        torch.view_as_complex(pairs).mul_(rotary)
         return
     x, y = pairs[..., 0], pairs[..., 1]
     cos, sin = rotary[..., 0], rotary[..., 1]
