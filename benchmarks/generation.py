@@ -1,15 +1,17 @@
 """Decoding throughput of every mode of ``generate``, side by side with llama2.c's ``run.c`` and Hugging Face.
 
     python benchmarks/generation.py [--experiment stories15m] [--new 256] [--threads 1 2] [--repeats 3]
-        [--llama2c DIR | env LLAMA2C_DIR] [--modes fast bf16 int8 int4 cached compiled recompute] [--hf]
+        [--llama2c DIR | env LLAMA2C_DIR] [--modes auto fast bf16 int8 int4 cached compiled recompute] [--hf]
 
 Builds the recipe's model (``+experiment=NAME``: the stories15M shape is d 288, 6 layers, 6 heads, SwiGLU 768,
 RoPE, context 256, vocabulary 4096) with random weights (the work per token does not depend on them) and
 decodes greedily at batch ``--batch`` from a 1-token prompt, ``--new`` tokens, one row per mode and thread
 count (``tiny_decoder.model.generation.generate``):
 
-- ``fast``: the default (the fast eager step, the model's fp32 numerics); ``bf16`` / ``int8`` / ``int4``: the same
-  step with ``weights=bf16`` / ``weights=int8`` / ``weights=int4`` (opt-in, numerics change);
+- ``auto``: the ``generate`` tool's default (``compile=auto``, the model's fp32 numerics): at ``--new`` >= 64 on a
+  CPU with a C++ compiler the compiled program (``compiled``), else the fast eager step;
+- ``fast``: the default of the Python ``generate()`` (the fast eager step, no compilation); ``bf16`` / ``int8`` /
+  ``int4``: the same step with ``weights=bf16`` / ``weights=int8`` / ``weights=int4`` (opt-in, numerics change);
 - ``cached``: the eager KV cache through the model's modules (``fast=False``);
 - ``compiled`` / ``compiled_bf16`` / ``compiled_int8`` / ``compiled_int4``: the fast step's one-token steps as the
   AOTInductor program (``compile=True``, :mod:`tiny_decoder.model.compiled_step`), in each weight format; its
@@ -56,6 +58,7 @@ from tiny_decoder.model import DecoderTransformer
 from tiny_decoder.model.generation import generate
 
 MODES: dict[str, dict[str, Any]] = {
+    "auto": {"compile": "auto"},
     "fast": {},
     "bf16": {"weights": "bf16"},
     "int8": {"weights": "int8"},
@@ -67,7 +70,7 @@ MODES: dict[str, dict[str, Any]] = {
     "compiled_int4": {"compile": True, "weights": "int4"},
     "recompute": {"use_cache": False},
 }
-DEFAULT_MODES = ["fast", "bf16", "int8", "int4", "compiled", "compiled_bf16", "compiled_int8", "compiled_int4",
+DEFAULT_MODES = ["auto", "fast", "bf16", "int8", "int4", "compiled", "compiled_bf16", "compiled_int8", "compiled_int4",
                  "cached"]  # fmt: skip
 RUN_C_RATE = re.compile(r"achieved tok/s: ([0-9.]+)")
 

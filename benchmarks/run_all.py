@@ -11,7 +11,8 @@ the next):
    loop, three times each, side by side; data loading share; FLOPs and MFU;
 2. ``training.py`` at the stories15M shape over attention x precision x compile;
 3. ``training.py`` at the stories260K shape without attention dropout (``model.attention_dropout=0``);
-4. ``generation.py --hf``: every decoding mode (the fast default, bf16, int8, int4, compiled in each format, the module
+4. ``generation.py --hf``: every decoding mode (the generate tool's default ``compile=auto``, the fast eager step,
+   bf16, int8, int4, compiled in each format, the module
    path) at batch 1, 256 new tokens, 1 and 2 threads, side by side with llama2.c's ``run.c`` when ``LLAMA2C_DIR``
    points at a llama2.c checkout (the one-thread build at 1 thread, the OpenMP build at 2), and batched sampling
    against Hugging Face; then a second process of the fast and compiled modes, whose warm-up is a second run's
@@ -47,7 +48,8 @@ GENERATION = ["generation.py", "--hf"]
 # a second process of the same shapes (the same TINY_DECODER_CACHE): the compiled modes load their programs, so
 # its warm-up is what a user waits for on a second run
 COMPILED_MODES = ["compiled", "compiled_bf16", "compiled_int8", "compiled_int4"]
-GENERATION_AGAIN = ["generation.py", "--repeats", "1", "--threads", "1", "2", "--modes", "fast", *COMPILED_MODES]
+GENERATION_AGAIN = ["generation.py", "--repeats", "1", "--threads", "1", "2", "--modes", "auto", "fast",
+                    *COMPILED_MODES]  # fmt: skip
 SMOKE = {  # every script and code path once, on a tiny model: checks the wiring; its figures mean nothing
     "overhead": ["training.py", "--experiment", "stories15m", "stories260k", "--smoke", "--steps", "2",
                  "--warmup", "1"],
@@ -56,7 +58,7 @@ SMOKE = {  # every script and code path once, on a tiny model: checks the wiring
     "generation": ["generation.py", "--smoke", "--new", "8", "--repeats", "1", "--threads", "1", "--hf",
                    "--hf-batch", "2"],
     "generation_again": ["generation.py", "--smoke", "--new", "8", "--repeats", "1", "--threads", "1", "--modes",
-                         "fast", *COMPILED_MODES],
+                         "auto", "fast", *COMPILED_MODES],
 }  # fmt: skip
 
 
@@ -154,8 +156,8 @@ TARGETS = [
            lambda r: first(rows_of(r, "overhead", "training", experiment="stories260k", **BASE), "lightning_over_loop"),
            0.9),
     Target("bf16-mixed and/or compile over fp32 eager, stories15M training", speedup_over_fp32_eager, 1.5),
-    Target("default decoding (fast, fp32) / run.c tokens/s, batch 1, 1 thread",
-           lambda r: first(rows_of(r, "generation", "generation", threads=1), "fast_over_run_c"), 1.0),
+    Target("default decoding (the generate tool's compile=auto, fp32) / run.c tokens/s, batch 1, 1 thread",
+           lambda r: first(rows_of(r, "generation", "generation", threads=1), "auto_over_run_c"), 1.0),
     Target("best decoding mode / run.c tokens/s, batch 1, 1 thread", lambda r: best_over_run_c(r, 1), 1.5),
     Target("best decoding mode / run.c OpenMP tokens/s, batch 1, 2 threads", lambda r: best_over_run_c(r, 2), 1.5),
     Target("warm-up before the first token, any mode, second run of the shape (s)", second_run_warm_up, 5.0,
@@ -183,12 +185,14 @@ TRAINING_COLUMNS = [
     ("mfu_of_best_matmul", "MFU of best matmul"), ("data_share", "data/step"),
 ]  # fmt: skip
 GENERATION_COLUMNS = [
-    ("threads", "threads"), ("fast_tokens_per_s", "fast (default) tok/s"), ("bf16_tokens_per_s", "bf16 tok/s"),
+    ("threads", "threads"), ("auto_tokens_per_s", "auto (tool default) tok/s"),
+    ("fast_tokens_per_s", "fast (eager) tok/s"), ("bf16_tokens_per_s", "bf16 tok/s"),
     ("int8_tokens_per_s", "int8 tok/s"), ("compiled_tokens_per_s", "compiled tok/s"),
     ("compiled_bf16_tokens_per_s", "compiled bf16 tok/s"), ("compiled_int8_tokens_per_s", "compiled int8 tok/s"),
     ("cached_tokens_per_s", "module path tok/s"), ("run_c_tokens_per_s", "run.c tok/s"),
-    ("fast_over_run_c", "fast / run.c"), ("compiled_over_run_c", "compiled / run.c"),
-    ("compiled_int8_over_run_c", "compiled int8 / run.c"), ("fast_warmup_s", "fast warm-up s"),
+    ("auto_over_run_c", "auto / run.c"), ("fast_over_run_c", "fast / run.c"),
+    ("compiled_over_run_c", "compiled / run.c"), ("compiled_int8_over_run_c", "compiled int8 / run.c"),
+    ("auto_warmup_s", "auto warm-up s"), ("fast_warmup_s", "fast warm-up s"),
     ("compiled_int8_warmup_s", "compiled int8 warm-up s"),
 ]  # fmt: skip
 BATCHED_COLUMNS = [("batch", "batch"), ("threads", "threads"), ("fast_tokens_per_s", "fast tok/s"),

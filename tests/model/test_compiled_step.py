@@ -18,7 +18,7 @@ from tiny_decoder.core.cache_dir import default_cache_dir
 from tiny_decoder.model import compiled_step
 from tiny_decoder.model.decoding_weights import weight_format
 from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder, PreparedWeights
-from tiny_decoder.model.generation import generate
+from tiny_decoder.model.generation import AUTO_COMPILE_FROM_TOKENS, compiles_auto, generate
 
 needs_a_compiler = pytest.mark.skipif(
     not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")),
@@ -144,3 +144,45 @@ def test_without_a_compiler_generation_decodes_eagerly_with_one_warning(monkeypa
     generate(model, prompt, 2, compile=True)  # this process does not try that compilation again
     assert attempts == [1]
     forget_loaded_programs()
+
+
+@needs_a_compiler
+def test_auto_compiles_for_a_long_call_and_then_serves_short_ones(monkeypatch, tmp_path):
+    """``compile="auto"`` (the generate tool's default): a call of fewer than ``AUTO_COMPILE_FROM_TOKENS`` new
+    tokens decodes eagerly while no program is compiled (nothing compiled); a call of that many compiles it (the
+    eager tokens); from then on, in a later process too, short calls use the program."""
+    monkeypatch.setenv("TINY_DECODER_CACHE", str(tmp_path))  # no program of any shape yet
+    forget_loaded_programs()
+    compilations = []
+    real_compile = compiled_step.compile_program
+    monkeypatch.setattr(compiled_step, "compile_program", lambda *a: compilations.append(1) or real_compile(*a))
+    model, prompt = model_of("llama"), prompt_of(1, 3)
+    short, long = AUTO_COMPILE_FROM_TOKENS - 1, AUTO_COMPILE_FROM_TOKENS
+    assert torch.equal(generate(model, prompt, short, compile="auto"), generate(model, prompt, short))
+    assert compilations == [] and not compiles_auto(model, 1, short, True, True, "model")
+    assert torch.equal(generate(model, prompt, long, compile="auto"), generate(model, prompt, long))
+    assert compilations == [1]
+    forget_loaded_programs()  # a later process: the program is on disk
+    assert compiles_auto(model, 1, 2, True, True, "model")
+    generate(model, prompt, 2, compile="auto")
+    assert (1, torch.get_num_threads()) in PREPARED_WEIGHTS.get(model, "model", portable=True).compiled
+    assert compilations == [1]
+    # the module path (fast=False, no cache) and batch 2 (no program compiled for it) stay eager
+    assert not compiles_auto(model, 1, 2, True, False, "model") and not compiles_auto(model, 1, 2, False, True, "model")
+    assert not compiles_auto(model, 2, 2, True, True, "model")
+    forget_loaded_programs()
+
+
+def test_auto_without_a_compiler_decodes_eagerly_and_quietly(monkeypatch, caplog):
+    """No C++ compiler (``$CXX`` names none): ``compile="auto"`` is the eager fast step, without a warning, and
+    tries no compilation; ``compile=True`` would warn (test above). A value other than true / false / auto is an
+    error naming the field."""
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(compiled_step, "compile_program", lambda *a: pytest.fail("compiled"))
+    assert not compiled_step.compiler_found()
+    model, prompt = model_of("llama"), prompt_of(1, 3)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(generate(model, prompt, 70, compile="auto"), generate(model, prompt, 70))
+    assert caplog.text == ""
+    with pytest.raises(ValueError, match="compile must be true, false or auto, got 'yes'"):
+        generate(model, prompt, 2, compile="yes")

@@ -1,6 +1,7 @@
 """The fast decoding step compiled ahead of time (AOTInductor) and kept on disk, keyed by what it computes.
 
-``generate(..., compile=True)`` on a CPU (``compile=true`` of the ``generate`` tool) runs the one-token step of
+``generate(..., compile=True)`` on a CPU (``compile=true`` of the ``generate`` tool, and its default
+``compile=auto`` where it pays: :func:`~tiny_decoder.model.generation.compiles_auto`) runs the one-token step of
 :mod:`~tiny_decoder.model.fast_decoding` (:func:`~tiny_decoder.model.fast_decoding.one_token_logits`, the same
 function) as one compiled C++ program: no Python and no dispatcher between its ops, the norms, rotary and softmax
 fused into loops, the matrix products in inductor's C++ GEMM micro-kernels where its autotuning measures them
@@ -11,10 +12,11 @@ faster than the BLAS call. Prompts still run through the eager fast step, into t
   source of the step's modules, every setting of its layers, norms and kernels (eps, head sizes, the activation,
   flags), its inputs' shapes, strides and dtypes (the weight format, the batch size), the thread count the
   kernels were generated for, torch's version and the CPU's vector capability.
-* The first run of a shape exports and compiles (~15-60 s on a 2-core CPU; one log line says so and where the
-  program goes); later runs, in any process, load it in milliseconds.
+* The first run of a shape exports and compiles (~15 s on a 2-core CPU; one log line says so, where the program
+  goes and that ``compile=false`` skips it); later runs, in any process, load it in milliseconds.
   Programs are written under a temporary name and renamed; one that does not load is compiled again, with a
-  warning. A machine without a C++ compiler decodes with the eager fast step, with a warning.
+  warning. A machine without a C++ compiler decodes with the eager fast step: with a warning under
+  ``compile=true``, silently under ``compile=auto`` (:func:`compiler_found`).
 * Attention reads the cache slots up to the position only (a size the program reads from its position input), so
   one program serves every position.
 * Where: ``decoding/`` in the project's cache (``$TINY_DECODER_CACHE``, else ``~/.cache/tiny_decoder``, beside the
@@ -27,6 +29,7 @@ import hashlib
 import inspect
 import logging
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -205,6 +208,28 @@ def program_key(w: PreparedWeights, inputs: tuple) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
+def compiler_found() -> bool:
+    """Whether the C++ compiler inductor would call is on this machine (``$CXX``, else ``g++``; ``clang++`` on
+    macOS), without importing inductor."""
+    default = "clang++" if sys.platform == "darwin" else "g++"
+    return shutil.which(os.environ.get("CXX") or default) is not None
+
+
+def program_path(w: PreparedWeights, inputs: tuple) -> tuple[str, Path]:
+    """The key of ``w``'s program for ``inputs`` (:func:`program_key`) and where it is kept."""
+    key = program_key(w, inputs)
+    return key, default_cache_dir() / "decoding" / f"{key}.pt2"
+
+
+def program_ready(w: PreparedWeights, batch: int) -> bool:
+    """Whether ``w``'s program at ``batch`` rows is compiled already (in this process or on disk): loading it takes
+    milliseconds."""
+    if (batch, torch.get_num_threads()) in w.compiled:
+        return True
+    key, path = program_path(w, example_inputs(w, batch))
+    return key in LOADED or path.exists()
+
+
 def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     """AOTInductor-compile ``program`` into the package ``path`` (written under a temporary name, renamed)."""
     import torch._inductor.config as inductor_config
@@ -212,7 +237,7 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.tmp-{os.getpid()}.pt2")
     log.warning(
-        "compile=true: compiling the decoding step for this model shape, once (tens of seconds on a 2-core CPU); "
+        "compiling the decoding step for this model shape, once (~15 s on a 2-core CPU; compile=false skips it); "
         "later runs load it from %s",
         path,
     )
@@ -226,7 +251,7 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CompileUnavailable(f"could not compile the decoding step ({type(error).__name__}: {reason})") from error
     os.replace(partial, path)
-    log.info("compile=true: compiled in %.1f s", time.perf_counter() - start)
+    log.info("compiled in %.1f s", time.perf_counter() - start)
 
 
 def load_program(path: Path):
@@ -242,8 +267,7 @@ def compiled_step(w: PreparedWeights, batch: int) -> OneTokenProgram:
     if slot in w.compiled:
         return w.compiled[slot]
     inputs = example_inputs(w, batch)
-    key = program_key(w, inputs)
-    path = default_cache_dir() / "decoding" / f"{key}.pt2"
+    key, path = program_path(w, inputs)
     loader = LOADED.get(key)
     if loader is None and path.exists():
         try:

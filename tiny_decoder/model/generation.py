@@ -14,7 +14,9 @@ Four ways to run a step (:func:`generate`'s ``use_cache`` / ``fast`` / ``compile
 * cached (``fast=False``): a :class:`~tiny_decoder.model.cache.KVCache` through the model's own modules, eager;
 * compiled (``compile=True``): on a CPU, the fast step with its one-token steps as one AOTInductor program
   (:mod:`~tiny_decoder.model.compiled_step`: compiled once per model shape, weight format, batch size and thread
-  count, kept on disk, loaded in about a second by later runs; the fastest mode, ``benchmarks/RESULTS.md``).
+  count, kept on disk, loaded in milliseconds by later runs; the fastest mode, ``benchmarks/RESULTS.md``).
+  ``compile="auto"`` (the generate tool's default) takes it where it pays (:func:`compiles_auto`: a program
+  already compiled, or a call of at least 64 new tokens), else the fast eager step.
   Off a CPU, and for models the fast step does not cover (or with ``fast=False``): a
   :class:`~tiny_decoder.model.cache.StaticKVCache` and a ``torch.compile``'d one-token step of the module path
   with the weights frozen into the graph, compiled in every process and recompiled when the weights change in
@@ -104,26 +106,31 @@ def generate(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    compile: bool = False,
+    compile: bool | str = False,
     fast: bool = True,
     weights: str = "model",
 ) -> torch.Tensor:
     """Continue ``prompt`` ``(B, T)`` by up to ``max_new_tokens``; returns ``(B, T + n)``.
 
     Rows that emitted ``eos_id`` keep emitting it; decoding stops once every row has. ``fast`` (default): the
-    fast eager step in the ``weights`` format (module doc); ``compile``: the compiled static-cache step, which
-    falls back to the eager cache, with a warning, for attentions that need the key count (linformer,
-    longformer). ``weights`` other than ``model`` need the fast step.
+    fast eager step in the ``weights`` format (module doc); ``compile=True``: the compiled step, which falls back
+    to the eager cache, with a warning, for attentions that need the key count (linformer, longformer);
+    ``compile="auto"`` (the generate tool's default): the compiled program where it pays (:func:`compiles_auto`),
+    else the eager fast step. ``weights`` other than ``model`` need the fast step.
     """
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (batch, length>0) token ids, got shape {tuple(prompt.shape)}")
+    if compile not in (True, False, "auto"):
+        raise ValueError(f"compile must be true, false or auto, got {compile!r}")
     was_training = model.training
     model.eval()
     try:
         batch, prompt_length = prompt.shape
         tokens = torch.empty(batch, prompt_length + max_new_tokens, dtype=prompt.dtype, device=prompt.device)
         tokens[:, :prompt_length] = prompt
-        step = _stepper(model, batch, use_cache, compile, fast, weights)
+        if compile == "auto":
+            compile = compiles_auto(model, batch, max_new_tokens, use_cache, fast, weights)
+        step = _stepper(model, batch, use_cache, bool(compile), fast, weights)
         n = prompt_length
         finished = torch.zeros(batch, dtype=torch.bool, device=prompt.device)
         with step.mode():
@@ -142,6 +149,31 @@ def generate(
         return tokens[:, :n]
     finally:
         model.train(was_training)
+
+
+# compile="auto" compiles a program it does not find in the cache only for a call of at least this many new tokens:
+# ~15 s of compiling, once per shape, against ~0.3 ms a token saved (stories15M shape, 2-core CPU); a sequence
+# task's handful of numbers decodes eagerly (or through a program already compiled)
+AUTO_COMPILE_FROM_TOKENS = 64
+
+
+def compiles_auto(
+    model: DecoderTransformer, batch: int, max_new_tokens: int, use_cache: bool, fast: bool, weights: str
+) -> bool:
+    """What ``compile="auto"`` means for this call: the compiled program (True) on a CPU, for a model the fast
+    step covers, where a C++ compiler is found and either the program is already compiled (loading it takes
+    milliseconds) or the call decodes at least :data:`AUTO_COMPILE_FROM_TOKENS` tokens (it is compiled, once,
+    said in one line); else the eager fast step (False). Off a CPU: the eager fast step (the compiled module step
+    compiles again in every process)."""
+    from tiny_decoder.model import compiled_step
+
+    if not (use_cache and fast) or fast_decoding_problem(model) is not None:
+        return False
+    if next(model.parameters()).device.type != "cpu" or not compiled_step.compiler_found():
+        return False
+    if max_new_tokens >= AUTO_COMPILE_FROM_TOKENS:
+        return True
+    return compiled_step.program_ready(PREPARED_WEIGHTS.get(model, weights, portable=True), batch)
 
 
 def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool, fast: bool, weights: str) -> Step:

@@ -49,7 +49,8 @@ class GenerationRequest:
     top_k: int | None = None
     top_p: float | None = None
     num_samples: int = 1
-    compile: bool = False  # compiled decoding (static KV cache)
+    # compiled decoding: true, false or auto (the compiled program where it pays: generation.compiles_auto)
+    compile: bool | str = "auto"
     weights: str = "model"  # the fast step's weight format: model (its numerics), bf16, int8 or int4 (opt-in)
 
 

@@ -195,12 +195,12 @@ class LanguageModel(DecoderTask):
         top_p: float | None = None,
         num_samples: int = 1,
         generator: torch.Generator | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         weights: str = "model",
     ) -> list[str]:
         """``num_samples`` continuations of ``prompt`` (cached decoding, stopping at ``<|endoftext|>``;
-        ``compile``: the compiled decoding step of :func:`tiny_decoder.model.generation.generate`; ``weights``: the
-        fast step's weight format there)."""
+        ``compile``: the compiled decoding step of :func:`tiny_decoder.model.generation.generate` (true, false or
+        auto); ``weights``: the fast step's weight format there)."""
         ids = self.encode_prompt(prompt)
         if not ids:
             raise ValueError("the prompt is empty: give prompt=TEXT (this model does not start from <|endoftext|>)")

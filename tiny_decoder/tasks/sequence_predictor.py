@@ -75,7 +75,7 @@ class SequencePredictor(DecoderTask):
 
     @torch.no_grad()
     def continue_sequence(
-        self, numbers: list[int], steps: int, compile: bool = False, weights: str = "model"
+        self, numbers: list[int], steps: int, compile: bool | str = False, weights: str = "model"
     ) -> list[int]:
         """Greedy cached continuation of ``numbers`` by ``steps`` more numbers (``compile``: compiled decoding,
         ``weights``: the fast step's weight format)."""
