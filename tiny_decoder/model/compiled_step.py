@@ -12,7 +12,7 @@ faster than the BLAS call. Prompts still run through the eager fast step, into t
   source of the step's modules, every setting of its layers, norms and kernels (eps, head sizes, the activation,
   flags), its inputs' shapes, strides and dtypes (the weight format, the batch size), the thread count the
   kernels were generated for, torch's version and the CPU's vector capability.
-* The first run of a shape exports and compiles (~15 s on a 2-core CPU; one log line says so, where the program
+* The first run of a shape exports and compiles (15-25 s on a 2-core CPU; one log line says so, where the program
   goes and that ``compile=false`` skips it); later runs, in any process, load it in milliseconds.
   Programs are written under a temporary name and renamed; one that does not load is compiled again, with a
   warning. A machine without a C++ compiler decodes with the eager fast step: with a warning under
@@ -237,7 +237,7 @@ def compile_program(program: torch.export.ExportedProgram, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.stem}.tmp-{os.getpid()}.pt2")
     log.warning(
-        "compiling the decoding step for this model shape, once (~15 s on a 2-core CPU; compile=false skips it); "
+        "compiling the decoding step for this model shape, once (15-25 s on a 2-core CPU; compile=false skips it); "
         "later runs load it from %s",
         path,
     )

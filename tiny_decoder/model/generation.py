@@ -152,7 +152,7 @@ def generate(
 
 
 # compile="auto" compiles a program it does not find in the cache only for a call of at least this many new tokens:
-# ~15 s of compiling, once per shape, against ~0.3 ms a token saved (stories15M shape, 2-core CPU); a sequence
+# 15-25 s of compiling, once per shape, against ~0.3 ms a token saved (stories15M shape, 2-core CPU); a sequence
 # task's handful of numbers decodes eagerly (or through a program already compiled)
 AUTO_COMPILE_FROM_TOKENS = 64
 
