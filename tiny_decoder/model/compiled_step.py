@@ -168,7 +168,7 @@ def described(value: object) -> str | None:
     if isinstance(value, nn.Module):
         return f"{type(value).__module__}.{type(value).__qualname__}:{value!r}"
     if isinstance(value, decoding_weights.WeightFormat):
-        return f"{type(value).__qualname__}(portable={value.portable})"
+        return type(value).__qualname__  # its kernels are holders, keyed by class (program_key)
     return None  # the kernels, norms and layers (holders themselves), the step's caches of traces and programs
 
 
@@ -189,9 +189,11 @@ def program_key(w: PreparedWeights, inputs: tuple) -> str:
     head sizes, the activation, flags: :func:`described`), and the shape, strides, dtype and device of every input
     (the weight format's tensors, the batch size, the caches); not the weights' values, which are inputs."""
     flat = [t for part in inputs for t in (part if isinstance(part, list) else [part])]
-    settings = [
+    holders = step_holders(w)
+    settings = [type(holder).__qualname__ for holder in holders]  # the classes: which kernel, which norm
+    settings += [
         f"{type(holder).__qualname__}.{name}={text}"
-        for holder in step_holders(w)
+        for holder in holders
         for name, value in sorted(vars(holder).items())
         if (text := described(value)) is not None
     ]

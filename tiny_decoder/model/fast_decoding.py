@@ -428,16 +428,21 @@ class PreparedWeightsCache:
     """:class:`PreparedWeights` per model and format, rebuilt when the model's weights changed."""
 
     def __init__(self):
-        self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {format: (versions, w)}
+        # model -> {(format, its kernel type): (versions, w)}
+        self.entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def get(self, model: DecoderTransformer, weights: str, portable: bool = False) -> PreparedWeights:
-        """``portable``: kernels of plain tensors only (what :mod:`~tiny_decoder.model.compiled_step` compiles)."""
+        """``portable``: kernels of plain tensors only (what :mod:`~tiny_decoder.model.compiled_step` compiles).
+        Kept per kernel type, so a format whose kernels are plain tensors anyway (all but CPU bf16's oneDNN) is
+        prepared once for the eager and the compiled step."""
         versions = weight_versions(model)
+        fmt = weight_format(weights, portable)
+        slot = (weights, fmt.kernel_type(model.head.weight.device))
         per_model = self.entries.setdefault(model, {})
-        hit = per_model.get((weights, portable))
+        hit = per_model.get(slot)
         if hit is None or hit[0] != versions:
-            hit = (versions, PreparedWeights(model, weight_format(weights, portable)))
-            per_model[(weights, portable)] = hit
+            hit = (versions, PreparedWeights(model, fmt))
+            per_model[slot] = hit
         return hit[1]
 
 

@@ -167,7 +167,7 @@ def compiles_auto(
     compiles again in every process)."""
     from tiny_decoder.model import compiled_step
 
-    if not (use_cache and fast) or fast_decoding_problem(model) is not None:
+    if fast_step_problem(model, use_cache, fast) is not None:
         return False
     if next(model.parameters()).device.type != "cpu" or not compiled_step.compiler_found():
         return False
@@ -176,9 +176,15 @@ def compiles_auto(
     return compiled_step.program_ready(PREPARED_WEIGHTS.get(model, weights, portable=True), batch)
 
 
-def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool, fast: bool, weights: str) -> Step:
+def fast_step_problem(model: DecoderTransformer, use_cache: bool, fast: bool) -> str | None:
+    """Why this call does not decode with the fast step (the switches that turn it off, or what the model has that
+    it does not cover); None: it does."""
     switches = {"use_cache=False": not use_cache, "fast=False": not fast}
-    problem = ", ".join(name for name, on in switches.items() if on) or fast_decoding_problem(model)
+    return ", ".join(name for name, on in switches.items() if on) or fast_decoding_problem(model)
+
+
+def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bool, fast: bool, weights: str) -> Step:
+    problem = fast_step_problem(model, use_cache, fast)
     if compile and problem is None and next(model.parameters()).device.type != "cpu":
         problem = "compile=True off a CPU (there the compiled module step)"
     if weights != "model" and problem is not None:
