@@ -80,6 +80,24 @@ def test_compiled_generation_equals_eager_past_the_context_and_in_a_new_process(
     assert sorted((default_cache_dir() / "decoding").glob("*.pt2")) == programs
 
 
+@needs_a_compiler
+def test_the_compiled_greedy_loop_feeds_each_argmax_back_into_the_program(monkeypatch):
+    """Greedy decoding that fits the context runs the program in the decoder's own loop (the argmax written where
+    the program reads its next ids): the module path's tokens, batch 1 and 2, with and without ``eos_id``."""
+    from tests.model.test_fast_decoding import greedy_calls
+
+    calls = greedy_calls(monkeypatch)
+    model = model_of("llama")
+    for batch in (1, 2):
+        prompt = prompt_of(batch, 4)
+        free = generate(model, prompt, 29, compile=True)  # positions up to 4 + 29 - 1 = 32, the context
+        assert torch.equal(free, generate(model, prompt, 29, fast=False))
+        eos_id = int(free[0, 10])
+        stopped = generate(model, prompt, 29, compile=True, eos_id=eos_id)
+        assert torch.equal(stopped, generate(model, prompt, 29, fast=False, eos_id=eos_id))
+    assert calls == [29, 29, 29, 29]
+
+
 def test_program_key_follows_shape_format_batch_and_settings():
     """One program per computation: the key changes with the batch size, the weight format, the model's shape and
     any setting the step reads (a norm's eps, the activation), and not with the weights' values; it is computed

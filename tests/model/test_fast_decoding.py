@@ -248,3 +248,62 @@ def test_fast_generation_returns_tokens_training_can_use():
     model.train()
     model(tokens).float().sum().backward()
     assert model.embedding.weight.grad is not None
+
+
+def greedy_calls(monkeypatch) -> list[int]:
+    """The token counts of every FastDecoder.greedy call from now on."""
+    calls: list[int] = []
+    original = FastDecoder.greedy
+
+    def counted(self, logits, count, eos_id=None):
+        calls.append(count)
+        return original(self, logits, count, eos_id)
+
+    monkeypatch.setattr(FastDecoder, "greedy", counted)
+    return calls
+
+
+def test_the_greedy_loop_decodes_what_the_generic_loop_does_and_only_within_the_context(monkeypatch):
+    """Greedy decoding that fits the context runs the decoder's own loop (each argmax fed straight back in) and
+    decodes the module path's tokens; sampling, and a continuation past the context, keep generate's loop."""
+    calls = greedy_calls(monkeypatch)
+    model = model_of("llama")
+    prompt = prompt_of(3, 10)
+    fitting = generate(model, prompt, 23)  # positions up to 10 + 23 - 1 = 32, the context
+    assert calls == [23]
+    assert torch.equal(fitting, generate(model, prompt, 23, fast=False))
+    generate(model, prompt, 24)  # one token past the context: cropped windows, generate's loop
+    generate(model, prompt, 5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    generate(model, prompt_of(8, 3), 5)  # batch 8: eager steps, not one call each
+    assert calls == [23]
+
+
+def test_the_greedy_loop_stops_where_every_row_has_emitted_eos():
+    """With ``eos_id``, a row that emitted it keeps emitting it and decoding stops once every row has: the same
+    tokens, and the same length, as the module path's loop."""
+    model = model_of("gpt2")
+    prompt = prompt_of(2, 4)
+    free = generate(model, prompt, 20)
+    eos_id = int(free[0, 9])  # row 0 emits it at new token 6 at the latest; row 1 maybe never
+    fast, module = generate(model, prompt, 20, eos_id=eos_id), generate(model, prompt, 20, eos_id=eos_id, fast=False)
+    assert torch.equal(fast, module)
+    first = [(row == eos_id).nonzero()[0, 0].item() if (row == eos_id).any() else None for row in fast[:, 4:]]
+    assert first[0] is not None and first[0] <= 5
+    for row, at in zip(fast[:, 4:], first, strict=True):
+        if at is not None:
+            assert (row[at:] == eos_id).all()
+    if all(at is not None for at in first):
+        assert fast.shape[1] == 4 + max(first) + 1
+
+
+def test_the_greedy_loop_refuses_what_it_cannot_hold():
+    model = model_of("llama")
+    prepared = PREPARED_WEIGHTS.get(model, "model")
+    decoder = FastDecoder(prepared, batch_size=1)
+    with torch.no_grad():
+        logits = decoder(prompt_of(1, 10))
+        with pytest.raises(ValueError, match="holds 32 positions; 24 greedy tokens after 10 would reach 33"):
+            decoder.greedy(logits, 24)
+        assert decoder.greedy(logits, 23).shape == (1, 23)
+        with pytest.raises(ValueError, match="needs the compiled program or the traced one-token step"):
+            FastDecoder(prepared, batch_size=1, traced=False).greedy(logits, 2)
