@@ -22,7 +22,11 @@ Four ways to run a step (:func:`generate`'s ``use_cache`` / ``fast`` / ``compile
   with the weights frozen into the graph, compiled in every process and recompiled when the weights change in
   place.
 
-Sampling draws from the softmax by inverse CDF (:func:`sample`), one uniform number per row.
+Greedy decoding through the fast step, where the continuation fits the context, runs in the decoder's own loop
+(:meth:`~tiny_decoder.model.fast_decoding.FastDecoder.greedy`: each argmax written where the next one-token step
+reads its ids) instead of the per-token loop of :func:`generate`, whose selection, buffer writes and slicing cost
+~0.05 ms a token beside a ~0.5 ms compiled step at 2 threads. Sampling draws from the softmax by inverse CDF
+(:func:`sample`), one uniform number per row.
 """
 
 from __future__ import annotations
