@@ -187,13 +187,16 @@ TRAINING_COLUMNS = [
 GENERATION_COLUMNS = [
     ("threads", "threads"), ("auto_tokens_per_s", "auto (tool default) tok/s"),
     ("fast_tokens_per_s", "fast (eager) tok/s"), ("bf16_tokens_per_s", "bf16 tok/s"),
-    ("int8_tokens_per_s", "int8 tok/s"), ("compiled_tokens_per_s", "compiled tok/s"),
+    ("int8_tokens_per_s", "int8 tok/s"), ("int4_tokens_per_s", "int4 tok/s"),
+    ("compiled_tokens_per_s", "compiled tok/s"),
     ("compiled_bf16_tokens_per_s", "compiled bf16 tok/s"), ("compiled_int8_tokens_per_s", "compiled int8 tok/s"),
+    ("compiled_int4_tokens_per_s", "compiled int4 tok/s"),
     ("cached_tokens_per_s", "module path tok/s"), ("run_c_tokens_per_s", "run.c tok/s"),
     ("auto_over_run_c", "auto / run.c"), ("fast_over_run_c", "fast / run.c"),
     ("compiled_over_run_c", "compiled / run.c"), ("compiled_int8_over_run_c", "compiled int8 / run.c"),
+    ("compiled_int4_over_run_c", "compiled int4 / run.c"),
     ("auto_warmup_s", "auto warm-up s"), ("fast_warmup_s", "fast warm-up s"),
-    ("compiled_int8_warmup_s", "compiled int8 warm-up s"),
+    ("compiled_int8_warmup_s", "compiled int8 warm-up s"), ("compiled_int4_warmup_s", "compiled int4 warm-up s"),
 ]  # fmt: skip
 BATCHED_COLUMNS = [("batch", "batch"), ("threads", "threads"), ("fast_tokens_per_s", "fast tok/s"),
                    ("bf16_tokens_per_s", "bf16 tok/s"), ("int8_tokens_per_s", "int8 tok/s"),

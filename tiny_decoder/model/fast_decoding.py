@@ -381,12 +381,12 @@ class FastDecoder:
                              f"after {self.length} would reach {self.length + count - 1}")  # fmt: skip
         batch = logits.shape[0]
         picked = torch.empty(count, batch, 1, dtype=torch.long, device=logits.device)  # picked[i]: strides (1, 1)
-        finished = None if eos_id is None else torch.zeros(batch, 1, dtype=torch.bool, device=logits.device)
+        finished = torch.zeros(batch, 1, dtype=torch.bool, device=logits.device)  # rows that emitted eos_id
         for i in range(count):
             if i:
                 logits = self.one_token(picked[i - 1])
             torch.argmax(logits, dim=-1, keepdim=True, out=picked[i])
-            if finished is not None and eos_id is not None:
+            if eos_id is not None:
                 picked[i].masked_fill_(finished, eos_id)
                 finished |= picked[i] == eos_id
                 if bool(finished.all()):
