@@ -16,7 +16,9 @@ count (``tiny_decoder.model.generation.generate``):
 - ``compiled`` / ``compiled_bf16`` / ``compiled_int8`` / ``compiled_int4``: the fast step's one-token steps as the
   AOTInductor program (``compile=True``, :mod:`tiny_decoder.model.compiled_step`), in each weight format; its
   compilation or loading is the mode's ``warmup_s`` (the first process of a shape compiles, later ones load the
-  program from ``$TINY_DECODER_CACHE``: run the script twice, or point it at an empty folder, to see both);
+  program from ``$TINY_DECODER_CACHE``: run the script twice, or point it at an empty folder, to see both).
+  ``compiled_int4`` at batch 1 is the native loop (:mod:`tiny_decoder.model.native_decoder`: the same int4
+  weights, a whole greedy continuation in one parallel region; its library is built in ~1 s on first use);
 - ``recompute``: no cache (``use_cache=False``).
 
 ``warmup_s`` of every mode is its first call (2 tokens) at each thread count (a compiled program is made for one
@@ -35,7 +37,8 @@ The runs of all modes and of ``run.c`` are interleaved, ``--repeats`` rounds, me
 step (fp32, bf16, int8) against Hugging Face ``generate()`` of the same model exported by
 ``tiny_decoder.interop.hf.to_hf`` (fp32), on ``--hf-threads`` threads. One JSON line per measurement, then tables.
 
-``--quality CKPT``: instead, the opt-in formats' agreement with fp32 on a trained language model (``quality``);
+``--quality CKPT``: instead, the opt-in formats' agreement with fp32 on a trained language model (``quality``;
+``native_int4``: the native loop of ``compile=true weights=int4``, its activations in fp32);
 with ``--quality-text FILE`` also each format's bits per byte on the first ``--quality-blocks`` context blocks of
 that story file, teacher-forced through the decoding step (``validation_bits_per_byte``).
 """
@@ -196,7 +199,21 @@ def hf_comparison(model: DecoderTransformer, args: argparse.Namespace) -> dict[s
     return row
 
 
-OPT_IN_FORMATS = ("bf16", "int8", "int4")
+OPT_IN_FORMATS = ("bf16", "int8", "int4", "native_int4")  # native_int4: compile=true weights=int4 at batch 1
+
+
+def teacher_forced_decoder(model: DecoderTransformer, weights: str, batch: int) -> Any:
+    """The decoding step of a format, fed one token at a time: the fast step, or for ``native_int4`` the native
+    loop (batch 1 only: the caller feeds each row through its own)."""
+    from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
+    from tiny_decoder.model.native_decoder import NativeInt4Decoder
+
+    if weights == "native_int4":
+        assert batch == 1
+        return NativeInt4Decoder(model)
+    return FastDecoder(PREPARED_WEIGHTS.get(model, weights), batch)
+
+
 QUALITY_PROMPTS = ["Once upon a time", "The little dog", "One day, a girl named Lily", "Tom and his mom",
                    "The sun was", "In the park, there was", "The cat saw a", "Mia wanted to"]  # fmt: skip
 
@@ -205,7 +222,6 @@ def quality(checkpoint: str, new: int) -> list[dict[str, Any]]:
     """bf16 / int8 / int4 against the model's own numerics on a trained language model: greedy continuations (fp32) of
     ``QUALITY_PROMPTS``, then each format teacher-forced along them: the share of positions where its greedy
     token is fp32's, and the change of the mean log-probability of fp32's tokens (nats)."""
-    from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
     from tiny_decoder.tasks import load_task
 
     task = load_task(checkpoint)
@@ -221,8 +237,8 @@ def quality(checkpoint: str, new: int) -> list[dict[str, Any]]:
         for tokens in sequences:
             logits = {}
             for name in ("model", weights):
-                decoder = FastDecoder(PREPARED_WEIGHTS.get(model, name), 1)
-                with torch.no_grad():
+                decoder = teacher_forced_decoder(model, name, 1)
+                with torch.inference_mode():
                     steps = [decoder(tokens[:, :1])] + [
                         decoder(tokens[:, n : n + 1]) for n in range(1, tokens.shape[1] - 1)
                     ]
@@ -247,7 +263,6 @@ def validation_bits_per_byte(checkpoint: str, path: str, blocks: int) -> list[di
     from functools import partial
 
     from tiny_decoder.data.text import TextDataModule
-    from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder
     from tiny_decoder.tasks import load_task
     from tiny_decoder.training.metrics import bits_per_byte
 
@@ -260,12 +275,14 @@ def validation_bits_per_byte(checkpoint: str, path: str, blocks: int) -> list[di
     inputs, targets = (torch.stack([block[name] for block in picked]) for name in ("input", "target"))
     bits = {}
     for weights in ("model", *OPT_IN_FORMATS):
-        decoder = FastDecoder(PREPARED_WEIGHTS.get(model, weights), len(picked))
+        rows = [slice(i, i + 1) for i in range(len(picked))] if weights == "native_int4" else [slice(None)]
         nats = 0.0
         with torch.inference_mode():
-            for n in range(inputs.shape[1]):
-                logits = decoder(inputs[:, n : n + 1]).float().log_softmax(-1)
-                nats -= float(logits.gather(1, targets[:, n : n + 1]).sum())
+            for part in rows:  # all blocks as one batch, or (the batch-1 native loop) one by one
+                decoder = teacher_forced_decoder(model, weights, inputs[part].shape[0])
+                for n in range(inputs.shape[1]):
+                    logits = decoder(inputs[part, n : n + 1]).float().log_softmax(-1)
+                    nats -= float(logits.gather(1, targets[part, n : n + 1]).sum())
         bits[weights] = bits_per_byte(nats / targets.numel(), data.bytes_per_token["validation"])
     return [
         emit(

@@ -16,7 +16,10 @@ Four ways to run a step (:func:`generate`'s ``use_cache`` / ``fast`` / ``compile
   (:mod:`~tiny_decoder.model.compiled_step`: compiled once per model shape, weight format, batch size and thread
   count, kept on disk, loaded in milliseconds by later runs; the fastest mode, ``benchmarks/RESULTS.md``).
   ``compile="auto"`` (the generate tool's default) takes it where it pays (:func:`compiles_auto`: a program
-  already compiled, or a call of at least 64 new tokens), else the fast eager step.
+  already compiled, or a call of at least 64 new tokens), else the fast eager step. With ``weights=int4`` at
+  batch 1 it is instead the native loop of :mod:`~tiny_decoder.model.native_decoder` (a whole token, and a whole
+  greedy continuation, in one parallel region; the same int4 weights, the activations in fp32), for the models
+  it covers (:func:`~tiny_decoder.model.native_decoder.native_problem`).
   Off a CPU, and for models the fast step does not cover (or with ``fast=False``): a
   :class:`~tiny_decoder.model.cache.StaticKVCache` and a ``torch.compile``'d one-token step of the module path
   with the weights frozen into the graph, compiled in every process and recompiled when the weights change in
@@ -35,13 +38,16 @@ import logging
 import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from tiny_decoder.model.cache import KVCache
 from tiny_decoder.model.fast_decoding import PREPARED_WEIGHTS, FastDecoder, fast_decoding_problem, weight_versions
 from tiny_decoder.model.transformer import DecoderTransformer
+
+if TYPE_CHECKING:
+    from tiny_decoder.model.native_decoder import NativeInt4Decoder
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +183,8 @@ def compiles_auto(
     """What ``compile="auto"`` means for this call: the compiled program (True) on a CPU, for a model the fast
     step covers, where a C++ compiler is found and either the program is already compiled (loading it takes
     milliseconds) or the call decodes at least :data:`AUTO_COMPILE_FROM_TOKENS` tokens (it is compiled, once,
-    said in one line); else the eager fast step (False). Off a CPU: the eager fast step (the compiled module step
+    said in one line), and always for ``weights=int4`` at batch 1 where the native loop covers the model (built in
+    ~1 s); else the eager fast step (False). Off a CPU: the eager fast step (the compiled module step
     compiles again in every process)."""
     from tiny_decoder.model import compiled_step
 
@@ -187,6 +194,11 @@ def compiles_auto(
         return False
     if max_new_tokens >= AUTO_COMPILE_FROM_TOKENS:
         return True
+    if weights == "int4" and batch == 1:
+        from tiny_decoder.model.native_decoder import native_problem
+
+        if native_problem(model) is None:
+            return True  # the native loop: its library builds in ~1 s, once, then loads in milliseconds
     return compiled_step.program_ready(PREPARED_WEIGHTS.get(model, weights, portable=True), batch)
 
 
@@ -204,7 +216,8 @@ def _stepper(model: DecoderTransformer, batch: int, use_cache: bool, compile: bo
     if weights != "model" and problem is not None:
         raise ValueError(f"weights={weights} needs the fast decoding step (use_cache, fast): {problem}")
     if problem is None and compile:
-        return Fast(model, _compiled_fast_decoder(model, batch, weights))
+        native = _native_decoder(model) if weights == "int4" and batch == 1 else None
+        return Fast(model, native or _compiled_fast_decoder(model, batch, weights))
     if problem is None:
         return Fast(model, FastDecoder(PREPARED_WEIGHTS.get(model, weights), batch))
     if not use_cache:
@@ -228,6 +241,20 @@ def _compiled_fast_decoder(model: DecoderTransformer, batch: int, weights: str) 
     except CompileUnavailable as error:
         log.warning("compile=true: %s; decoding with the eager fast step", error)
         return FastDecoder(PREPARED_WEIGHTS.get(model, weights), batch)
+
+
+def _native_decoder(model: DecoderTransformer) -> NativeInt4Decoder | None:
+    """The native int4 loop for ``model`` (None: a model it does not cover; with a warning, a library that does not
+    build here: then the compiled program)."""
+    from tiny_decoder.model.native_decoder import NativeInt4Decoder, NativeUnavailable, native_problem
+
+    if native_problem(model) is not None:
+        return None
+    try:
+        return NativeInt4Decoder(model)
+    except NativeUnavailable as error:
+        log.warning("compile=true weights=int4: %s; decoding with the compiled program", error)
+        return None
 
 
 class Recompute:
@@ -276,7 +303,7 @@ class Fast:
     """The fast step (:class:`FastDecoder`): feeds the tokens its cache has not seen; past the context it
     re-encodes the cropped window through the same step."""
 
-    def __init__(self, model: DecoderTransformer, decoder: FastDecoder):
+    def __init__(self, model: DecoderTransformer, decoder: FastDecoder | NativeInt4Decoder):
         self.decoder = decoder
         self.context = model.config.context_length
 
