@@ -10,14 +10,16 @@ no allocation, no Python between tokens of a greedy continuation. The products r
 compiled int4 step casts them to bfloat16 for torch's kernel), so its logits are those of the int4 weights.
 
 * It covers what the stories15M-style recipes build: pre-norm RMSNorm, RoPE, a SwiGLU feed-forward, no biases, a
-  model width, attention width and hidden width that are multiples of 32, batch 1, fp32, CPU
+  model width and attention width that are multiples of 32 (the hidden width any: ``down``'s inputs are padded to
+  groups of 32 with zero weights, as ``weights=int4`` pads them), batch 1, fp32, CPU
   (:func:`native_problem` names what a model lacks; ``generate`` then uses the compiled step).
-* The library is compiled from its source on first use with the C++ compiler the compiled step uses (~2 s;
-  ``-O3 -march=native -fopenmp``) and kept in the project's cache (``decoding/``), keyed by the source, the flags
-  and the compiler; later processes load it in milliseconds.
-* Layout: each matrix ``(N, K)`` as ``q (N, K/2)`` bytes, byte ``j`` of group ``g`` holding input ``32g + j`` in
-  its low nibble and ``32g + 16 + j`` in its high one, and ``sz (N, K/32, 2)`` (scale, minimum) pairs; the
-  caches ``(heads, context, head_dim)`` fp32 per layer, keys after rotary in the fast step's interleaved pairs.
+* The library is compiled from its source on first use with the C++ compiler the compiled step uses (~0.7 s;
+  ``-O3 -march=native -fopenmp``) and kept in the project's cache (``decoding/``), keyed by the source, the flags,
+  the compiler and the CPU's flags; later processes load it in milliseconds.
+* Layout: each matrix ``(N, K)`` (K padded to a multiple of 32) as ``q (N, K/2)`` bytes, byte ``j`` of group ``g``
+  holding input ``32g + j`` in its low nibble and ``32g + 16 + j`` in its high one, and ``sz (N, K/32, 2)``
+  (scale, minimum) pairs; the caches ``(heads, context, head_dim)`` fp32 per layer, keys after rotary in the fast
+  step's interleaved pairs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import weakref
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tiny_decoder.core.cache_dir import default_cache_dir
@@ -76,9 +79,7 @@ def native_problem(model: nn.Module) -> str | None:
     blocks, weight = list(model.layers), model.head.weight
     gated = all(isinstance(b.ff, GatedFeedForward) and isinstance(b.ff.act, nn.SiLU) for b in blocks)
     first = blocks[0]
-    widths = [model.config.d_model, first.attn.n_heads * first.attn.head_dim]
-    if isinstance(first.ff, GatedFeedForward):
-        widths.append(first.ff.gate.out_features)
+    widths = [model.config.d_model, first.attn.n_heads * first.attn.head_dim]  # the hidden width: padded to 32
     checks = {
         "a CPU": weight.device.type == "cpu",
         "fp32 weights": weight.dtype == torch.float32,
@@ -86,7 +87,7 @@ def native_problem(model: nn.Module) -> str | None:
         "RMSNorm": all(isinstance(n, nn.RMSNorm) for b in blocks for n in (b.norm_attn, b.norm_ff, model.final_norm)),
         "a SwiGLU feed-forward": gated,
         "no biases": all(getattr(linear, "bias", None) is None for linear in _linears(model)),
-        "widths that are multiples of 32": all(width % GROUP == 0 for width in widths),
+        "model and attention widths that are multiples of 32": all(width % GROUP == 0 for width in widths),
         "the same heads in every layer": all(
             (b.attn.n_heads, b.attn.head_dim) == (first.attn.n_heads, first.attn.head_dim) for b in blocks
         ),
@@ -152,8 +153,10 @@ def _build_and_load() -> ctypes.CDLL:
 
 
 def pack_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q (N, K/2) uint8, sz (N, K/32, 2) fp32)`` of an ``(N, K)`` matrix: :func:`quantize_int4`'s values (those of
-    ``weights=int4``), byte ``j`` of a group holding input ``j`` low and ``16 + j`` high."""
+    """``(q (N, K'/2) uint8, sz (N, K'/32, 2) fp32)`` of an ``(N, K)`` matrix, ``K'`` = K rounded up to groups of 32
+    (zero weights): :func:`quantize_int4`'s values (those of ``weights=int4``, which pads the same way), byte ``j``
+    of a group holding input ``j`` low and ``16 + j`` high."""
+    weight = F.pad(weight.detach(), (0, -weight.shape[1] % GROUP))
     rows, inputs = weight.shape
     q, scale, minimum = quantize_int4(weight, GROUP)
     groups = q.view(rows, inputs // GROUP, GROUP).to(torch.uint8)

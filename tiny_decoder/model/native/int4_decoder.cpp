@@ -6,7 +6,7 @@
  * tiny_decoder/model/native_decoder.py (which documents the layout of every array); called through ctypes.
  * C-style C++ (compiled by the C++ compiler the compiled step uses, the entry point extern "C").
  *
- * Weights: each matrix (N, K) in groups of 32 inputs. Row n, group g: 16 bytes, byte j holding input
+ * Weights: each matrix (N, K) in groups of 32 inputs (down's K padded to them with zero weights). Row n, group g: 16 bytes, byte j holding input
  * 32g + j in its low nibble and 32g + 16 + j in its high one (values 0..15), and a (scale, minimum) pair:
  * w = q * scale + minimum. A product is sum_g scale * (x_g . q_g) + minimum * sum(x_g).
  */
@@ -131,6 +131,7 @@ enum { DIM, LAYERS, HEADS, HEAD_DIM, HIDDEN, VOCAB, CONTEXT, N_DIMS };
 
 typedef struct {
     int d, layers, heads, head_dim, hidden, vocab, context, inner;
+    int hidden_padded; /* down's inputs: the hidden width rounded up to groups of 32 (its weights zero there) */
     const float *eps;      /* 2 per layer (attention, feed-forward), then the final norm's */
     const float *embedding; /* (vocab, d) */
     const float *rotary;   /* (context, head_dim / 2, 2): cos, sin */
@@ -209,7 +210,7 @@ static void forward(const Model *m, Shared *s, int token, int position, float *n
             float up = row_dot(m->up[l].q + (H + n) * stride, m->up[l].sz + (H + n) * pairs, normed, sums, groups);
             s->hidden[n] = gate / (1.0f + expf(-gate)) * up; /* silu(gate) * up */
         }
-        product(m->down[l], m->d, H, s->hidden, sums, s->x, 1);
+        product(m->down[l], m->d, m->hidden_padded, s->hidden, sums, s->x, 1); /* its inputs' tail: zeros */
     }
     rms_normalized(s->x, m->d, m->eps[2 * m->layers], normed);
     product(m->head, m->vocab, m->d, normed, sums, s->logits, 0);
@@ -232,6 +233,7 @@ extern "C" int td_int4_decode(const int64_t *dims, const float *eps, const void 
     m.d = (int)dims[DIM], m.layers = (int)dims[LAYERS], m.heads = (int)dims[HEADS], m.head_dim = (int)dims[HEAD_DIM];
     m.hidden = (int)dims[HIDDEN], m.vocab = (int)dims[VOCAB], m.context = (int)dims[CONTEXT];
     m.inner = m.heads * m.head_dim;
+    m.hidden_padded = (m.hidden + 31) / 32 * 32;
     int L = m.layers;
     Matrix *matrices = (Matrix *)malloc(sizeof(Matrix) * 4 * L);
     m.eps = eps;
@@ -242,9 +244,9 @@ extern "C" int td_int4_decode(const int64_t *dims, const float *eps, const void 
     m.qkv = matrices, m.proj = matrices + L, m.up = matrices + 2 * L, m.down = matrices + 3 * L;
     m.keys = (float *const *)(pointers + 4 + 8 * L);
     m.values = (float *const *)(pointers + 4 + 9 * L);
-    int widest = m.hidden > m.inner ? m.hidden : m.inner;
+    int widest = m.hidden_padded > m.inner ? m.hidden_padded : m.inner;
     widest = widest > m.d ? widest : m.d;
-    float *shared = (float *)malloc(sizeof(float) * (m.d + 3 * m.inner + m.inner + m.hidden));
+    float *shared = (float *)calloc(m.d + 3 * m.inner + m.inner + m.hidden_padded, sizeof(float)); /* zero tail */
     Shared s = {shared, shared + m.d, shared + m.d + 3 * m.inner, shared + m.d + 4 * m.inner, logits};
     int written = 0;
 #pragma omp parallel num_threads(threads)
