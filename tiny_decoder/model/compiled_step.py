@@ -210,11 +210,16 @@ def program_key(w: PreparedWeights, inputs: tuple) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def compiler_found() -> bool:
-    """Whether the C++ compiler inductor would call is on this machine (``$CXX``, else ``g++``; ``clang++`` on
-    macOS), without importing inductor."""
+def compiler() -> str | None:
+    """The C++ compiler inductor would call (``$CXX``, else ``g++``; ``clang++`` on macOS), if it is on this machine
+    (found without importing inductor); the native int4 loop is built with it too."""
     default = "clang++" if sys.platform == "darwin" else "g++"
-    return shutil.which(os.environ.get("CXX") or default) is not None
+    return shutil.which(os.environ.get("CXX") or default)
+
+
+def compiler_found() -> bool:
+    """Whether :func:`compiler` finds one."""
+    return compiler() is not None
 
 
 def program_path(w: PreparedWeights, inputs: tuple) -> tuple[str, Path]:

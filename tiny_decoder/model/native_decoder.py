@@ -29,9 +29,7 @@ import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tiny_decoder.core.cache_dir import default_cache_dir
+from tiny_decoder.model.compiled_step import compiler
 from tiny_decoder.model.decoding_weights import TransposedKernel, quantize_int4
 from tiny_decoder.model.fast_decoding import (
     PREPARED_WEIGHTS,
@@ -63,11 +62,6 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 GROUP = 32  # inputs per (scale, minimum) pair: weights=int4's groups
 _library: ctypes.CDLL | None = None
 _unavailable: NativeUnavailable | None = None  # why it did not build: not tried again in this process
-
-
-def compiler() -> str | None:
-    """The C++ compiler the compiled step uses (``$CXX``, else ``g++``; ``clang++`` on macOS), if found."""
-    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
 
 def native_problem(model: nn.Module) -> str | None:
@@ -170,10 +164,11 @@ class PackedModel:
 
     def __init__(self, w: PreparedWeights):
         layer = w.layers[0]
-        self.dims = torch.tensor(
-            [w.embedding.shape[1], len(w.layers), layer.n_heads, layer.head_dim, layer.hidden, w.vocab_size,
-             w.context], dtype=torch.int64,
-        )  # fmt: skip
+        self.layers, self.heads, self.head_dim = len(w.layers), layer.n_heads, layer.head_dim
+        self.context, self.vocab = w.context, w.vocab_size
+        # td_int4_decode's dims: width, layers, heads, head size, hidden width, vocabulary, context
+        sizes = [w.embedding.shape[1], self.layers, self.heads, self.head_dim, layer.hidden, self.vocab, self.context]
+        self.dims = torch.tensor(sizes, dtype=torch.int64)
         eps = [e for lw in w.layers for e in (lw.norm_attn.eps, lw.norm_ff.eps)] + [w.final_norm.eps]
         self.eps = torch.tensor(eps, dtype=torch.float32)
         assert w.rotary is not None
@@ -185,7 +180,6 @@ class PackedModel:
 
         self.head = matrix(w.head)
         self.matrices = [matrix(getattr(lw, name)) for name in ("qkv", "proj", "up", "down") for lw in w.layers]
-        self.context, self.heads, self.head_dim = w.context, layer.n_heads, layer.head_dim
 
     def pointers(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
         """The loop's table of arrays (its order: td_int4_decode's)."""
@@ -213,11 +207,10 @@ class NativeInt4Decoder:
             packed = _PACKED[w] = PackedModel(w)
         self.packed, self.library = packed, library()
         shape = (packed.heads, packed.context, packed.head_dim)
-        layers = int(packed.dims[1])
-        self.keys = [torch.zeros(shape) for _ in range(layers)]
-        self.values = [torch.zeros(shape) for _ in range(layers)]
+        self.keys = [torch.zeros(shape) for _ in range(packed.layers)]
+        self.values = [torch.zeros(shape) for _ in range(packed.layers)]
         self.table = packed.pointers(self.keys, self.values)
-        self.logits = torch.zeros(1, int(packed.dims[5]))
+        self.logits = torch.zeros(1, packed.vocab)
         self.length = 0
 
     def reset(self) -> None:
@@ -238,9 +231,9 @@ class NativeInt4Decoder:
         if end > self.packed.context:
             raise ValueError(f"the native decoder holds {self.packed.context} positions; appending would reach {end}")
         tokens = ids.to(torch.int64).contiguous()
-        vocab = int(self.packed.dims[5])
-        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:  # the loop reads the embedding row unchecked
-            raise IndexError(f"token ids must be in [0, {vocab}), got {int(tokens.min())}..{int(tokens.max())}")
+        low, high = (int(bound) for bound in torch.aminmax(tokens))
+        if low < 0 or high >= self.packed.vocab:  # the loop reads the embedding row unchecked
+            raise IndexError(f"token ids must be in [0, {self.packed.vocab}), got {low}..{high}")
         self._run(tokens, tokens.shape[1], 0, None, tokens)
         self.length = end
         return self.logits.clone()
